@@ -1,0 +1,360 @@
+"""Attention, Jacobian and Hessian maps of crucial layers (Kokane et al. 2024, eqs. 2, 4, 6).
+
+The functional building blocks are :func:`attention_map`, :func:`jacobian_map`,
+:func:`hessian_map` and :func:`to_distribution`. :func:`compute_maps` is the engine that
+:class:`~lightning_layerkd.DistillationModule` and the functional maps share: one forward pass
+yields the logits and, through persistent hooks, every crucial layer's map.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Literal
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightning_layerkd.layers import FeatureHooks, ProbeKind, conversion_conv, resolve_module
+
+__all__ = [
+    "Method",
+    "Task",
+    "Wrt",
+    "attention_map",
+    "compute_maps",
+    "hessian_map",
+    "jacobian_map",
+    "match_maps",
+    "score",
+    "to_distribution",
+]
+
+Method = Literal["attention", "jacobian", "hessian"]
+Wrt = Literal["weight", "activation"]
+Task = Literal["multiclass", "multilabel"]
+METHODS: tuple[str, ...] = ("attention", "jacobian", "hessian")
+WRTS: tuple[str, ...] = ("weight", "activation")
+TASKS: tuple[str, ...] = ("multiclass", "multilabel")
+
+
+def attention_map(features: Tensor, p: float = 2.0) -> Tensor:
+    """Activation-based attention ``a(F) = sum_c |F_c|^p`` (eq. 2; Zagoruyko & Komodakis 2017).
+
+    Args:
+        features: ``(B, C, H, W)`` feature maps.
+        p: the exponent (2 in the paper).
+
+    Returns:
+        ``(B, H, W)`` non-negative maps, in float32.
+    """
+    if features.dim() != 4:
+        raise ValueError(
+            f"attention_map needs (B, C, H, W) features, got shape {tuple(features.shape)}"
+        )
+    return features.float().abs().pow(p).sum(dim=1)
+
+
+def to_distribution(m: Tensor, eps: float = 1e-8) -> Tensor:
+    """Normalise non-negative maps into distributions ``p = (m + d) / sum(m + d)`` (section 3).
+
+    Every dimension after the first is flattened into the support, so ``(B, H, W)`` maps give
+    ``B`` distributions over ``H * W``. ``d = eps * mean(m) + tiny`` is relative to the map's
+    mass, so the result does not depend on the scale of ``m`` (tiny Hessian maps are not washed
+    out) and an all-zero map becomes uniform. Computed in float32 even under mixed precision.
+    """
+    if m.dim() < 2:
+        raise ValueError(f"to_distribution needs a batch dimension, got shape {tuple(m.shape)}")
+    flat = m.float().flatten(1)
+    d = eps * flat.mean(dim=1, keepdim=True) + torch.finfo(torch.float32).tiny
+    shifted = flat + d
+    return shifted / shifted.sum(dim=1, keepdim=True)
+
+
+def match_maps(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+    """Bring a student map and a teacher map onto one support (design.md section 3).
+
+    Per-sample ``(B, H, W)`` maps: adaptive average pooling of the larger map to the smaller
+    spatial size. Weight maps (the shape of a convolution weight, one per batch): unchanged and
+    flattened when the shapes agree; otherwise reduced per output channel and adaptively pooled
+    to the smaller channel count. Returns ``(B, K)`` or ``(1, K)`` non-negative maps.
+    """
+    if student.dim() == 3 and teacher.dim() == 3:
+        size = (min(student.shape[1], teacher.shape[1]), min(student.shape[2], teacher.shape[2]))
+        return (
+            F.adaptive_avg_pool2d(student.unsqueeze(1), size).squeeze(1).flatten(1),
+            F.adaptive_avg_pool2d(teacher.unsqueeze(1), size).squeeze(1).flatten(1),
+        )
+    if student.shape == teacher.shape:
+        return student.reshape(1, -1), teacher.reshape(1, -1)
+    s = student.flatten(1).sum(dim=1)
+    t = teacher.flatten(1).sum(dim=1)
+    channels = min(s.numel(), t.numel())
+    return (
+        F.adaptive_avg_pool1d(s.view(1, 1, -1), channels).view(1, -1),
+        F.adaptive_avg_pool1d(t.view(1, 1, -1), channels).view(1, -1),
+    )
+
+
+def score(logits: Tensor, target: Tensor, task: Task = "multiclass") -> Tensor:
+    """``s_i``, the per-sample scalar a derivative map differentiates (design.md section 1).
+
+    Multi-class: ``log_softmax(z_i)[y_i]`` with ``target`` the class indices. Multi-label:
+    ``sum_k y_ik log sigmoid(z_ik)`` over the positive labels, ``target`` a 0/1 matrix.
+    """
+    z = logits.float()
+    if task == "multiclass":
+        return torch.log_softmax(z, dim=-1).gather(1, target.long().view(-1, 1)).squeeze(1)
+    return (F.logsigmoid(z) * target.to(z.dtype)).sum(dim=-1)
+
+
+def _score_curvature(logits: Tensor, u: Tensor, target: Tensor, task: Task) -> Tensor:
+    """``H_z u`` with ``H_z = -d^2 s / dz^2`` per sample (positive semi-definite)."""
+    z = logits.float()
+    u = u.float()
+    if task == "multiclass":
+        p = torch.softmax(z, dim=-1)
+        return p * u - p * (p * u).sum(dim=-1, keepdim=True)  # (diag(p) - p p^T) u
+    sig = torch.sigmoid(z)
+    return sig * (1 - sig) * u * target.to(z.dtype)
+
+
+def default_target(logits: Tensor, task: Task) -> Tensor:
+    """The label-free target: the arg-max class, or the labels with positive logits."""
+    if task == "multiclass":
+        return logits.argmax(dim=-1)
+    return (logits > 0).to(logits.dtype)
+
+
+@contextmanager
+def _requires_grad(tensors: Sequence[Tensor]) -> Iterator[None]:
+    """Temporarily let frozen tensors (teacher weights) be differentiated; restored after."""
+    frozen = [t for t in tensors if not t.requires_grad]
+    for t in frozen:
+        t.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for t in frozen:
+            t.requires_grad_(False)
+
+
+@contextmanager
+def _running_stats_kept(model: nn.Module) -> Iterator[None]:
+    """Keep batch-norm running statistics unchanged across extra probe passes."""
+    saved = [
+        (m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+        for m in model.modules()
+        if isinstance(m, _BatchNorm)
+        and m.training
+        and m.track_running_stats
+        and m.running_mean is not None
+        and m.running_var is not None
+        and m.num_batches_tracked is not None
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, mean, var, count in saved:
+                m.running_mean.copy_(mean)  # type: ignore[union-attr]
+                m.running_var.copy_(var)  # type: ignore[union-attr]
+                m.num_batches_tracked.copy_(count)  # type: ignore[union-attr]
+
+
+def compute_maps(
+    model: nn.Module,
+    x: Tensor,
+    hooks: FeatureHooks,
+    *,
+    method: Method,
+    wrt: Wrt = "weight",
+    target: Tensor | None = None,
+    task: Task = "multiclass",
+    create_graph: bool = False,
+    num_probes: int = 1,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, list[Tensor]]:
+    """One forward pass of ``model`` that returns its logits and the maps of the hooked layers.
+
+    ``hooks`` sit on the crucial modules (attention and ``wrt="activation"``) or on their
+    conversion convolutions (``wrt="weight"``). Jacobian maps (eq. 4) are ``G^2`` with
+    ``G = d(sum_i s_i)/dW`` (one map per batch) or ``sum_c G_c^2`` with ``G = d(sum_i s_i)/dF``
+    (per sample). Hessian maps (eq. 6) are ``|diag H|``, estimated as ``mean_k v_k * (H v_k)``
+    with Rademacher ``v_k`` and the Gauss-Newton product ``H v = J^T H_z (J v)``: ``J v`` by
+    forward-mode AD in the same pass, ``J^T`` by one reverse pass for all layers together.
+
+    ``create_graph=True`` keeps the graph so that a loss on the maps trains the model (the
+    student); with ``False`` the maps and logits are constants (the teacher).
+    ``target`` is the label (or the teacher's class); ``None`` uses the model's own arg-max.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if wrt not in WRTS:
+        raise ValueError(f"wrt must be one of {WRTS}, got {wrt!r}")
+    if num_probes < 1:
+        raise ValueError(f"num_probes must be at least 1, got {num_probes}")
+
+    if method == "attention":
+        with torch.no_grad() if not create_graph else nullcontext(), hooks.record() as recording:
+            logits = model(x)
+            maps = [attention_map(f) for f in hooks.outputs(recording)]
+        return logits, maps
+
+    weights: list[Tensor] = [m.weight for m in hooks.modules] if wrt == "weight" else []
+    if wrt == "activation" and not x.requires_grad:
+        x = x.detach().requires_grad_(True)  # so a frozen model's features are differentiable
+    probe: ProbeKind | None = None
+    if method == "hessian":
+        probe = "weight" if wrt == "weight" else "output"
+
+    with torch.enable_grad(), _requires_grad(weights):
+        logits, diagonals = _derivative_pass(
+            model, x, hooks, method, probe, weights, target, task, create_graph, generator
+        )
+        if method == "hessian" and num_probes > 1:
+            with _running_stats_kept(model):
+                for _ in range(num_probes - 1):
+                    _, more = _derivative_pass(
+                        model,
+                        x,
+                        hooks,
+                        method,
+                        probe,
+                        weights,
+                        default_target(logits, task) if target is None else target,
+                        task,
+                        create_graph,
+                        generator,
+                    )
+                    diagonals = [a + b for a, b in zip(diagonals, more, strict=True)]
+            diagonals = [d / num_probes for d in diagonals]
+
+    maps = []
+    for d in diagonals:
+        m = d.square() if method == "jacobian" else d.abs()
+        maps.append(m if wrt == "weight" else m.sum(dim=1))
+    return logits, maps
+
+
+def _derivative_pass(
+    model: nn.Module,
+    x: Tensor,
+    hooks: FeatureHooks,
+    method: Method,
+    probe: ProbeKind | None,
+    weights: list[Tensor],
+    target: Tensor | None,
+    task: Task,
+    create_graph: bool,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, list[Tensor]]:
+    """Forward once; return logits and the gradients (Jacobian) or probe products (Hessian)."""
+    dual = fwAD.dual_level() if probe is not None else nullcontext()
+    with dual, hooks.record(probe, generator) as recording:
+        out = model(x)
+        if probe is not None:
+            logits, tangent = fwAD.unpack_dual(out)
+        else:
+            logits, tangent = out, None
+        features = hooks.outputs(recording)
+        wrt_tensors = weights if weights else features
+        y = default_target(logits.detach(), task) if target is None else target
+        if method == "jacobian":
+            s = score(logits, y, task).sum()  # sum_i s_i
+            grads = torch.autograd.grad(s, wrt_tensors, create_graph=create_graph)
+            return (logits if create_graph else logits.detach()), list(grads)
+        if tangent is None:
+            raise RuntimeError("the forward pass carried no probe tangent to the logits")
+        # Gauss-Newton: H v = J^T H_z (J v); J v is the tangent of the logits (forward mode).
+        curvature = _score_curvature(logits, tangent, y, task).to(logits.dtype)
+        hv = torch.autograd.grad(
+            logits, wrt_tensors, grad_outputs=curvature, create_graph=create_graph
+        )
+        probes = [p for p in recording.probes if p is not None]
+        diagonals = [v * h for v, h in zip(probes, hv, strict=True)]  # Hutchinson: v * (H v)
+        return (logits if create_graph else logits.detach()), diagonals
+
+
+def _hooks_for(model: nn.Module, layers: Sequence[str], wrt: Wrt, x: Tensor) -> FeatureHooks:
+    modules = [resolve_module(model, path, x) for path in layers]
+    if wrt == "weight":
+        convs = [conversion_conv(m, path) for m, path in zip(modules, layers, strict=True)]
+        return FeatureHooks([c for _, c in convs], [p for p, _ in convs])
+    return FeatureHooks(modules, list(layers))
+
+
+def jacobian_map(
+    model: nn.Module,
+    x: Tensor,
+    layers: Sequence[str],
+    target: Tensor | None = None,
+    *,
+    wrt: Wrt = "weight",
+    task: Task = "multiclass",
+    create_graph: bool = False,
+) -> list[Tensor]:
+    """Jacobian maps of ``layers`` (eq. 4): first derivatives of ``sum_i s_i``.
+
+    ``wrt="weight"``: ``G^2`` for the weight ``W_j`` of each layer's conversion convolution, one
+    map of ``W_j``'s shape per batch (the paper's reading). ``wrt="activation"``: ``sum_c G_c^2``
+    for the layer output ``F_j``, a ``(B, H, W)`` map per sample. ``target`` defaults to the
+    model's arg-max. ``create_graph=True`` keeps the graph for training through the map.
+    """
+    hooks = _hooks_for(model, layers, wrt, x)
+    try:
+        _, maps = compute_maps(
+            model,
+            x,
+            hooks,
+            method="jacobian",
+            wrt=wrt,
+            target=target,
+            task=task,
+            create_graph=create_graph,
+        )
+    finally:
+        hooks.remove()
+    return maps
+
+
+def hessian_map(
+    model: nn.Module,
+    x: Tensor,
+    layers: Sequence[str],
+    target: Tensor | None = None,
+    *,
+    wrt: Wrt = "weight",
+    task: Task = "multiclass",
+    num_probes: int = 1,
+    generator: torch.Generator | None = None,
+    create_graph: bool = False,
+) -> list[Tensor]:
+    """Hessian maps of ``layers`` (eq. 6): ``|diag H|`` of ``sum_i s_i`` (Hutchinson estimate).
+
+    ``H`` is the Gauss-Newton form ``J^T H_z J`` (exact for one layer's block in a piecewise
+    linear network; training-mode batch norm has no third derivative in PyTorch, which rules out
+    the double-backward Hessian). ``wrt`` and the returned shapes are as in
+    :func:`jacobian_map`; ``num_probes`` Rademacher probes are averaged, drawn from
+    ``generator`` when given.
+    """
+    hooks = _hooks_for(model, layers, wrt, x)
+    try:
+        _, maps = compute_maps(
+            model,
+            x,
+            hooks,
+            method="hessian",
+            wrt=wrt,
+            target=target,
+            task=task,
+            create_graph=create_graph,
+            num_probes=num_probes,
+            generator=generator,
+        )
+    finally:
+        hooks.remove()
+    return maps

@@ -1,0 +1,467 @@
+"""``DistillationModule``: a LightningModule that distils a frozen teacher into a student
+through per-crucial-layer map losses (Kokane et al. 2024, eqs. 2, 4 and 6)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
+from functools import partial
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MultilabelAccuracy,
+    MultilabelAveragePrecision,
+)
+
+from lightning_layerkd.divergence import js_divergence
+from lightning_layerkd.layers import (
+    FeatureHooks,
+    LayerFiredTwiceError,
+    conversion_conv,
+    find_crucial_layers,
+    format_candidates,
+    resolve_module,
+    trace_feature_maps,
+)
+from lightning_layerkd.maps import (
+    METHODS,
+    TASKS,
+    WRTS,
+    compute_maps,
+    default_target,
+    match_maps,
+    to_distribution,
+)
+
+__all__ = ["BASE_GROUP", "DistillationModule", "LayerSpec"]
+
+#: Name of the optimizer param group that holds every non-crucial student parameter.
+BASE_GROUP = "base"
+
+LayerSpec = str | Sequence[str] | Sequence[tuple[str, str]] | Mapping[str, str]
+OptimizerFactory = Callable[[Iterable[dict[str, Any]]], Optimizer]
+SchedulerFactory = Callable[[Optimizer], Any]
+
+_DEFAULT_OPTIMIZER: OptimizerFactory = partial(
+    torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4
+)
+
+
+class DistillationModule(LightningModule):
+    """Distil ``teacher`` into ``student`` with a JSD loss on crucial-layer maps.
+
+    The training loss is ``CE(S(x), y) + map_weight * sum_j mean_i JSD(p_j^S, p_j^T)`` (eqs. 2,
+    4, 6 with the JSD of eqs. 8-10), where ``p_j`` are the attention, Jacobian or Hessian maps
+    of crucial layer pair ``j`` turned into distributions. Features are read by forward hooks on
+    the named modules; neither model is changed. The teacher is frozen (``requires_grad=False``,
+    always in eval mode, outside the optimizer).
+
+    The optimizer has one param group per student crucial module, named by its path, plus
+    ``"base"``; ``training_step`` returns ``{"loss", "layer_divergence"}`` with the per-sample
+    JSD of each layer, which is what :class:`~lightning_layerkd.LayerwiseLRCallback` reads.
+
+    Args:
+        teacher: a trained network (any ``nn.Module`` returning logits); ``None`` only with
+            ``method="none"`` (the student alone).
+        student: the network to train.
+        method: ``"attention"`` (eq. 2), ``"jacobian"`` (eq. 4), ``"hessian"`` (eq. 6), or
+            ``"none"`` for cross-entropy alone.
+        layers: ``"auto"`` (design.md section 2, run on ``example_input`` or on the first
+            training batch before the optimizer is built), a list of paths present in both
+            networks, a list of ``(student_path, teacher_path)`` pairs, or a dict
+            ``{student_path: teacher_path}``.
+        num_classes: number of classes (labels for ``task="multilabel"``).
+        task: ``"multiclass"`` (cross-entropy, top-1 accuracy) or ``"multilabel"``
+            (BCE with logits, mAP and accuracy).
+        map_weight: ``lambda``, the weight of the summed map losses.
+        wrt: derivative maps with respect to the conversion-conv ``"weight"`` (the paper's
+            reading) or the layer ``"activation"``.
+        map_target: ``"label"`` (differentiate the true class's log-probability) or
+            ``"teacher"`` (the teacher's arg-max class; label-free).
+        num_probes: Hutchinson probes per step for Hessian maps.
+        num_crucial_layers: how many pairs ``layers="auto"`` keeps (the deepest).
+        example_input: an input batch for ``layers="auto"``.
+        optimizer: a callable that takes the param groups and returns an optimizer, e.g.
+            ``functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)`` (the default also sets
+            ``weight_decay=5e-4``); Hydra's ``_partial_: true`` builds one.
+        scheduler: optional callable that takes the optimizer and returns an LR scheduler.
+        scheduler_interval: ``"epoch"`` or ``"step"``.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module | None,
+        student: nn.Module,
+        *,
+        method: Literal["attention", "jacobian", "hessian", "none"] = "attention",
+        layers: LayerSpec = "auto",
+        num_classes: int,
+        task: Literal["multiclass", "multilabel"] = "multiclass",
+        map_weight: float = 1.0,
+        wrt: Literal["weight", "activation"] = "weight",
+        map_target: Literal["label", "teacher"] = "label",
+        num_probes: int = 1,
+        num_crucial_layers: int = 4,
+        example_input: Tensor | None = None,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        scheduler_interval: Literal["epoch", "step"] = "epoch",
+    ) -> None:
+        super().__init__()
+        _check_choice("method", method, (*METHODS, "none"))
+        _check_choice("task", task, TASKS)
+        _check_choice("wrt", wrt, WRTS)
+        _check_choice("map_target", map_target, ("label", "teacher"))
+        _check_choice("scheduler_interval", scheduler_interval, ("epoch", "step"))
+        if teacher is None and method != "none":
+            raise ValueError(f"method={method!r} needs a teacher; pass one or use method='none'")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        if num_probes < 1:
+            raise ValueError(f"num_probes must be at least 1, got {num_probes}")
+        if map_weight < 0:
+            raise ValueError(f"map_weight must be non-negative, got {map_weight}")
+        self.save_hyperparameters(
+            ignore=["teacher", "student", "example_input", "optimizer", "scheduler"]
+        )
+        self.student = student
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+        self.method = method
+        self.task = task
+        self.num_classes = num_classes
+        self.map_weight = map_weight
+        self.wrt = wrt
+        self.map_target = map_target
+        self.num_probes = num_probes
+        self.num_crucial_layers = num_crucial_layers
+        self.example_input = example_input
+        self.optimizer_factory = optimizer or _DEFAULT_OPTIMIZER
+        self.scheduler_factory = scheduler
+        self.scheduler_interval = scheduler_interval
+
+        self._layer_spec = layers
+        self.layer_pairs: list[tuple[str, str]] | None = None
+        if method == "none":
+            self.layer_pairs = []
+        elif not (isinstance(layers, str) and layers == "auto"):
+            self.layer_pairs = _normalise_layers(layers)
+        self._student_hooks: FeatureHooks | None = None
+        self._teacher_hooks: FeatureHooks | None = None
+
+        if task == "multiclass":
+            metrics = MetricCollection(
+                {"acc": MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")}
+            )
+        else:
+            metrics = MetricCollection(
+                {
+                    "map": MultilabelAveragePrecision(num_labels=num_classes, average="macro"),
+                    "acc": MultilabelAccuracy(num_labels=num_classes, average="micro"),
+                }
+            )
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.val_jsd = nn.ModuleDict()
+
+    # ------------------------------------------------------------------ layers and hooks
+    @property
+    def layer_names(self) -> list[str]:
+        """Student crucial-module paths, which are also the param-group names."""
+        if self.layer_pairs is None:
+            raise RuntimeError(
+                "the crucial layers are not resolved yet: they are found when fit starts, on "
+                "the first batch, or by calling resolve_layers(example_input)"
+            )
+        return [s for s, _ in self.layer_pairs]
+
+    def resolve_layers(self, example_input: Tensor | None = None) -> list[tuple[str, str]]:
+        """Resolve ``layers`` (running the auto rule on ``example_input`` if needed), validate
+        the paths and install the forward hooks. Idempotent; returns the layer pairs."""
+        x = example_input if example_input is not None else self.example_input
+        if self.layer_pairs is None:
+            if x is None:
+                raise ValueError(
+                    "layers='auto' needs an example input to discover the crucial layers: pass "
+                    "example_input=..., give explicit layers, or fit with a train dataloader"
+                )
+            assert self.teacher is not None
+            with torch.no_grad():
+                self.layer_pairs = find_crucial_layers(
+                    self.teacher, self.student, x, num_layers=self.num_crucial_layers
+                )
+        if self.method != "none" and self._student_hooks is None:
+            self._validate_pairs(x)
+            self._student_hooks = self._make_hooks(self.student, 0, x, "student")
+            self._teacher_hooks = self._make_hooks(self.teacher, 1, x, "teacher")
+            for name in self.layer_names:
+                if name not in self.val_jsd:
+                    self.val_jsd[_key(name)] = MeanMetric()
+        return list(self.layer_pairs)
+
+    def _validate_pairs(self, x: Tensor | None) -> None:
+        names = self.layer_names
+        if len(set(names)) != len(names) or BASE_GROUP in names:
+            raise ValueError(
+                f"student crucial layers must be distinct and not named {BASE_GROUP!r}; got {names}"
+            )
+        for a in names:
+            for b in names:
+                if a != b and (a == "" or b.startswith(a + ".")):
+                    raise ValueError(
+                        f"student crucial layers '{a}' and '{b}' are nested, so their "
+                        "parameters would fall in two param groups; choose disjoint modules"
+                    )
+        for student_path, teacher_path in self.layer_pairs or []:
+            resolve_module(self.student, student_path, x, role="student")
+            resolve_module(self.teacher, teacher_path, x, role="teacher")  # type: ignore[arg-type]
+
+    def _make_hooks(
+        self, model: nn.Module | None, side: int, x: Tensor | None, role: str
+    ) -> FeatureHooks:
+        assert model is not None and self.layer_pairs is not None
+        paths = [pair[side] for pair in self.layer_pairs]
+        modules = [resolve_module(model, path, x, role=role) for path in paths]
+        if self.method != "attention" and self.wrt == "weight":
+            convs = [conversion_conv(m, p) for m, p in zip(modules, paths, strict=True)]
+            return FeatureHooks([c for _, c in convs], [p for p, _ in convs])
+        return FeatureHooks(modules, paths)
+
+    def remove_hooks(self) -> None:
+        """Remove the forward hooks from both networks (they are re-installed on demand)."""
+        for hooks in (self._student_hooks, self._teacher_hooks):
+            if hooks is not None:
+                hooks.remove()
+        self._student_hooks = self._teacher_hooks = None
+
+    def setup(self, stage: str) -> None:
+        """Discover the crucial layers before the optimizer is built (design.md section 2)."""
+        if self.method == "none" or self._student_hooks is not None:
+            return
+        x = self.example_input
+        if x is None and self.layer_pairs is None:
+            x = self._example_from_data(stage)
+        self.resolve_layers(x)
+
+    def teardown(self, stage: str) -> None:
+        self.remove_hooks()
+
+    def _example_from_data(self, stage: str) -> Tensor | None:
+        trainer = self._trainer
+        if trainer is None:
+            return None
+        loader: Any = None
+        datamodule = trainer.datamodule
+        if stage == "fit":
+            if datamodule is not None:
+                loader = datamodule.train_dataloader()
+            else:
+                loader = trainer.fit_loop._data_source.dataloader()
+        elif stage == "validate":
+            loader = (
+                datamodule.val_dataloader()
+                if datamodule is not None
+                else trainer.validate_loop._data_source.dataloader()
+            )
+        if loader is None:
+            return None
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0]
+        x, _ = self.unpack_batch(next(iter(loader)))
+        return x
+
+    # ------------------------------------------------------------------ model API
+    def unpack_batch(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """Split a batch into ``(inputs, targets)``; override for other batch layouts."""
+        if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+            return batch[0], batch[1]
+        raise TypeError(
+            "DistillationModule expects batches (inputs, targets) as a tuple or list, got "
+            f"{type(batch).__name__}; override unpack_batch() for other layouts"
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The student's logits."""
+        return self.student(x)
+
+    def train(self, mode: bool = True) -> DistillationModule:
+        """Set train mode for the student; the teacher stays in eval mode (design.md 1)."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def task_loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        """``l_1`` of eq. 1: cross-entropy, or BCE with logits for multi-label data."""
+        if self.task == "multiclass":
+            return F.cross_entropy(logits, target)
+        return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype))
+
+    def layer_divergences(
+        self, x: Tensor, y: Tensor, *, create_graph: bool
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Student logits and, per crucial layer, the per-sample JSD between the student's
+        and the teacher's maps (eqs. 8-10). Weight maps give one JSD per batch, repeated for
+        each sample so that every entry counts once per sample (design.md section 5)."""
+        if self.method == "none":
+            return self.student(x), {}
+        self.resolve_layers(x)
+        assert self.teacher is not None and self._teacher_hooks and self._student_hooks
+        options: dict[str, Any] = dict(
+            method=self.method, wrt=self.wrt, task=self.task, num_probes=self.num_probes
+        )
+        try:
+            teacher_target = y if self.map_target == "label" else None
+            teacher_logits, teacher_maps = compute_maps(
+                self.teacher,
+                x,
+                self._teacher_hooks,
+                target=teacher_target,
+                create_graph=False,
+                **options,
+            )
+            student_target = (
+                y if self.map_target == "label" else default_target(teacher_logits, self.task)
+            )
+            logits, student_maps = compute_maps(
+                self.student,
+                x,
+                self._student_hooks,
+                target=student_target,
+                create_graph=create_graph,
+                **options,
+            )
+        except LayerFiredTwiceError as err:
+            model = self.student if err.path in self._student_hooks.paths else self.teacher
+            raise ValueError(
+                f"{err}\nCandidates with output shapes:\n"
+                f"{format_candidates(trace_feature_maps(model, x[:2]))}"
+            ) from err
+        divergences = {}
+        for name, s_map, t_map in zip(self.layer_names, student_maps, teacher_maps, strict=True):
+            s, t = match_maps(s_map, t_map.detach())
+            jsd = js_divergence(to_distribution(s), to_distribution(t))
+            divergences[name] = jsd.expand(x.shape[0]) if jsd.numel() == 1 else jsd
+        return logits, divergences
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        x, y = self.unpack_batch(batch)
+        logits, divergences = self.layer_divergences(x, y, create_graph=True)
+        task_loss = self.task_loss(logits, y)
+        map_loss = sum((d.mean() for d in divergences.values()), torch.zeros((), device=x.device))
+        loss = task_loss + self.map_weight * map_loss  # eqs. 2, 4, 6
+        if self._trainer is not None:
+            batch_size = x.shape[0]
+            self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+            self.log("train/task_loss", task_loss, batch_size=batch_size)
+            self.log("train/map_loss", map_loss, batch_size=batch_size)
+            for name, d in divergences.items():
+                self.log(f"train/jsd/{name}", d.mean(), batch_size=batch_size)
+        return {
+            "loss": loss,
+            "layer_divergence": {name: d.detach() for name, d in divergences.items()},
+        }
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = self.unpack_batch(batch)
+        derivative = self.method in ("jacobian", "hessian")
+        # Derivative maps need autograd, which Lightning's inference mode forbids.
+        with torch.inference_mode(False) if derivative else nullcontext():
+            if derivative:
+                x, y = x.clone(), y.clone()
+            logits, divergences = self.layer_divergences(x, y, create_graph=False)
+        logits, y = logits.detach(), y.detach()
+        batch_size = x.shape[0]
+        self.log("val/loss", self.task_loss(logits, y), prog_bar=True, batch_size=batch_size)
+        self.val_metrics.update(logits, y.long() if self.task == "multilabel" else y)
+        self.log_dict(self.val_metrics, batch_size=batch_size, prog_bar=True)
+        for name, d in divergences.items():
+            metric = self.val_jsd[_key(name)]
+            metric.update(d.detach())
+            self.log(f"val/jsd/{name}", metric, batch_size=batch_size)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.param_groups())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
+        }
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """One param group per student crucial module (named by its path) plus ``"base"``;
+        every trainable student parameter is in exactly one group (design.md section 2)."""
+        if self.layer_pairs is None:
+            self.resolve_layers(self.example_input)
+        groups: list[dict[str, Any]] = []
+        seen: set[int] = set()
+        for name in self.layer_names:
+            params = [p for p in self.student.get_submodule(name).parameters() if p.requires_grad]
+            seen.update(id(p) for p in params)
+            groups.append({"name": name, "params": params})
+        base = [p for p in self.student.parameters() if p.requires_grad and id(p) not in seen]
+        if base or not groups:
+            groups.append({"name": BASE_GROUP, "params": base})
+        return groups
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["layerkd_layer_pairs"] = self.layer_pairs
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("layerkd_layer_pairs")
+        if saved is None:
+            return
+        saved = [tuple(pair) for pair in saved]
+        if self.layer_pairs is None:
+            self.layer_pairs = saved  # type: ignore[assignment]
+        elif saved != self.layer_pairs:
+            raise ValueError(
+                f"the checkpoint was trained with crucial layers {saved}, but this module "
+                f"uses {self.layer_pairs}; pass layers={saved} to resume it"
+            )
+
+
+def _key(name: str) -> str:
+    # ModuleDict keys cannot contain dots.
+    return name.replace(".", "__") or "__root__"
+
+
+def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _normalise_layers(layers: LayerSpec) -> list[tuple[str, str]]:
+    if isinstance(layers, str):
+        raise ValueError(
+            f"layers must be 'auto', a list of paths, a list of (student, teacher) pairs or a "
+            f"dict, got the string {layers!r}"
+        )
+    if isinstance(layers, Mapping):
+        pairs = [(str(s), str(t)) for s, t in layers.items()]
+    else:
+        pairs = []
+        for item in layers:
+            if isinstance(item, str):
+                pairs.append((item, item))
+            elif isinstance(item, Sequence) and len(item) == 2:
+                pairs.append((str(item[0]), str(item[1])))
+            else:
+                raise ValueError(
+                    f"each layer must be a path or a (student_path, teacher_path) pair, "
+                    f"got {item!r}"
+                )
+    if not pairs:
+        raise ValueError("layers is empty; give at least one crucial layer or use 'auto'")
+    return pairs
