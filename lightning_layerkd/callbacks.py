@@ -180,6 +180,12 @@ class LayerwiseLRCallback(Callback):
             eta = self.gamma * self.eta.get(name, self.eta_init) + (1 - self.gamma) * divergence
             self.eta[name] = eta  # eq. 12
             factor = self._rescale(trainer, name, eta)
+            if factor > 10 and self.max_lr is None:
+                rank_zero_warn(
+                    f"LayerwiseLRCallback: the learning rate of layer {name!r} grew {factor:.3g}x "
+                    f"because eta={eta:.3g} is small (eq. 11 divides by sqrt(eta + eps)); set "
+                    "max_lr to bound it"
+                )
             record[name] = {"divergence": divergence, "eta": eta, "factor": factor}
             pl_module.log(f"layerwise/divergence/{name}", divergence, on_step=False, on_epoch=True)
             pl_module.log(f"layerwise/eta/{name}", eta, on_step=False, on_epoch=True)

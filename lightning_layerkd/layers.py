@@ -413,7 +413,8 @@ class FeatureHooks:
                 "but a crucial layer must return one tensor"
             )
         recording.outputs[index] = output
-        recording.versions[index] = output._version
+        # inference tensors (Lightning's validation) have no version counter and no autograd
+        recording.versions[index] = -1 if output.is_inference() else output._version
         if self._probe == "output":
             v = rademacher_like(output, self._generator)
             recording.probes[index] = v
@@ -452,7 +453,7 @@ class FeatureHooks:
                     f"module '{path}' did not run in the forward pass; a crucial layer must be "
                     "on the path from input to output"
                 )
-            if output._version != version:
+            if version >= 0 and output._version != version:
                 raise RuntimeError(
                     f"the output of '{path}' was modified in place after it was produced "
                     "(e.g. by nn.ReLU(inplace=True)); pick the module that follows the "

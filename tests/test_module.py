@@ -1,0 +1,315 @@
+"""DistillationModule: layers, hooks, the frozen teacher, param groups, losses and metrics."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_layerkd import DistillationModule
+from lightning_layerkd.divergence import js_divergence
+from lightning_layerkd.maps import attention_map, to_distribution
+from lightning_layerkd.models import resnet
+
+PAIRS = [("layer1", "layer1"), ("layer2", "layer2"), ("layer3", "layer3"), ("layer4", "layer4")]
+
+
+def pair(width: int = 4, classes: int = 5) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    return resnet(18, num_classes=classes, width=2 * width), resnet(10, classes, width=width)
+
+
+def batch(n: int = 6, size: int = 16, classes: int = 5, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def loader(n: int = 24, size: int = 16, classes: int = 5, batch_size: int = 8) -> DataLoader:
+    x, y = batch(n, size, classes)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def trainer(tmp_path, **kwargs) -> pl.Trainer:
+    options = dict(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+def count_hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+# ---------------------------------------------------------------------- crucial layers
+def test_auto_layers_from_example_input_and_hooks_installed():
+    teacher, student = pair()
+    x, _ = batch()
+    module = DistillationModule(teacher, student, num_classes=5, example_input=x)
+    assert module.resolve_layers() == PAIRS
+    assert count_hooks(student) == 4 and count_hooks(teacher) == 4
+    module.remove_hooks()
+    assert count_hooks(student) == 0 and count_hooks(teacher) == 0
+
+
+def test_training_step_called_directly_discovers_layers_on_its_batch():
+    teacher, student = pair()
+    module = DistillationModule(teacher, student, num_classes=5)
+    x, y = batch(size=12)  # no input size is hard-coded
+    out = module.training_step((x, y), 0)
+    assert module.layer_pairs == PAIRS
+    assert set(out["layer_divergence"]) == {"layer1", "layer2", "layer3", "layer4"}
+    assert out["loss"].requires_grad
+
+
+def test_fit_discovers_layers_from_train_loader_before_optimizer(tmp_path):
+    teacher, student = pair()
+    module = DistillationModule(teacher, student, num_classes=5)
+    trainer(tmp_path, max_steps=1).fit(module, loader())
+    names = [g["name"] for g in trainer_optimizer(module).param_groups]
+    assert names == ["layer1", "layer2", "layer3", "layer4", "base"]
+    assert count_hooks(student) == 0 and count_hooks(teacher) == 0  # removed at teardown
+
+
+def trainer_optimizer(module: DistillationModule) -> torch.optim.Optimizer:
+    optimizer = module.trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    return optimizer
+
+
+def test_fit_discovers_layers_from_datamodule(tmp_path):
+    class Data(pl.LightningDataModule):
+        def train_dataloader(self):
+            return loader()
+
+    teacher, student = pair()
+    module = DistillationModule(teacher, student, num_classes=5)
+    trainer(tmp_path, max_steps=1).fit(module, datamodule=Data())
+    assert module.layer_pairs == PAIRS
+
+
+def test_explicit_layers_as_paths_pairs_or_dict():
+    teacher, student = pair()
+    for layers in (
+        ["layer2", "layer4"],
+        [("layer2", "layer2"), ("layer4", "layer4")],
+        {"layer2": "layer2", "layer4": "layer4"},
+    ):
+        module = DistillationModule(teacher, student, num_classes=5, layers=layers)
+        assert module.layer_pairs == [("layer2", "layer2"), ("layer4", "layer4")]
+
+
+def test_unknown_layer_lists_candidates_with_shapes():
+    teacher, student = pair()
+    module = DistillationModule(teacher, student, num_classes=5, layers=[("layer9", "layer1")])
+    x, _ = batch(n=2)
+    with pytest.raises(ValueError) as err:
+        module.resolve_layers(x)
+    message = str(err.value)
+    assert "student has no module 'layer9'" in message
+    assert "layer1  (2, 4, 16, 16)" in message and "layer4  (2, 32, 2, 2)" in message
+
+
+def test_module_that_fires_twice_is_a_clear_error():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 3, padding=1)
+            self.shared = nn.Conv2d(4, 4, 3, padding=1)
+            self.head = nn.Linear(4, 5)
+
+        def forward(self, x):
+            x = self.shared(self.shared(self.stem(x)))
+            return self.head(x.mean(dim=(2, 3)))
+
+    teacher = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 5),
+    )
+    module = DistillationModule(teacher, Twice(), num_classes=5, layers=[("shared", "1")])
+    x, y = batch(n=2)
+    with pytest.raises(ValueError, match="'shared' ran more than once") as err:
+        module.training_step((x, y), 0)
+    assert "stem  (2, 4, 16, 16)" in str(err.value)
+
+
+def test_nested_crucial_layers_are_rejected():
+    teacher, student = pair()
+    module = DistillationModule(
+        teacher, student, num_classes=5, layers=[("layer1", "layer1"), ("layer1.0", "layer2")]
+    )
+    with pytest.raises(ValueError, match="nested"):
+        module.resolve_layers(batch(n=2)[0])
+
+
+def test_bad_arguments_name_the_valid_choices():
+    teacher, student = pair()
+    with pytest.raises(ValueError, match=r"method must be one of \['attention'"):
+        DistillationModule(teacher, student, num_classes=5, method="fisher")
+    with pytest.raises(ValueError, match="wrt must be one of"):
+        DistillationModule(teacher, student, num_classes=5, wrt="input")
+    with pytest.raises(ValueError, match="needs a teacher"):
+        DistillationModule(None, student, num_classes=5, method="attention")
+    with pytest.raises(ValueError, match="layers must be 'auto'"):
+        DistillationModule(teacher, student, num_classes=5, layers="layer1")
+    module = DistillationModule(teacher, student, num_classes=5)
+    with pytest.raises(ValueError, match="needs an example input"):
+        module.param_groups()
+
+
+# ---------------------------------------------------------------------- teacher and groups
+def test_teacher_is_frozen_in_eval_mode_and_unchanged_by_fit(tmp_path):
+    teacher, student = pair()
+    before = copy.deepcopy(teacher.state_dict())
+    module = DistillationModule(teacher, student, num_classes=5, method="jacobian")
+    assert not any(p.requires_grad for p in teacher.parameters())
+    module.train()
+    assert not teacher.training and student.training
+    trainer(tmp_path, max_epochs=2).fit(module, loader(), loader())
+    optimizer_params = {id(p) for g in trainer_optimizer(module).param_groups for p in g["params"]}
+    assert not optimizer_params & {id(p) for p in teacher.parameters()}
+    assert not any(p.requires_grad for p in teacher.parameters())
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_param_groups_hold_every_trainable_student_parameter_exactly_once():
+    teacher, student = pair()
+    student.fc.weight.requires_grad_(False)
+    module = DistillationModule(teacher, student, num_classes=5, layers=PAIRS)
+    groups = module.param_groups()
+    assert [g["name"] for g in groups] == ["layer1", "layer2", "layer3", "layer4", "base"]
+    seen = [id(p) for g in groups for p in g["params"]]
+    trainable = [id(p) for p in student.parameters() if p.requires_grad]
+    assert sorted(seen) == sorted(trainable) and len(seen) == len(set(seen))
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in student.layer2.parameters()}
+    assert id(student.conv1.weight) in {id(p) for p in groups[-1]["params"]}
+
+
+# ---------------------------------------------------------------------- loss and gradients
+def test_attention_loss_is_cross_entropy_plus_weighted_jsd_by_hand():
+    teacher, student = pair()
+    module = DistillationModule(teacher, student, num_classes=5, layers=PAIRS, map_weight=0.5)
+    x, y = batch()
+    out = module.training_step((x, y), 0)
+    feats = {}
+    hooks = [
+        getattr(net, name).register_forward_hook(
+            lambda m, i, o, key=(tag, name): feats.__setitem__(key, o)
+        )
+        for tag, net in (("s", student), ("t", teacher))
+        for name in ("layer1", "layer4")
+    ]
+    logits = student(x)
+    with torch.no_grad():
+        teacher(x)
+    for h in hooks:
+        h.remove()
+    expected_jsd = {}
+    for name in ("layer1", "layer4"):
+        p = to_distribution(attention_map(feats["s", name]))
+        q = to_distribution(attention_map(feats["t", name]))
+        expected_jsd[name] = js_divergence(p, q)
+        torch.testing.assert_close(out["layer_divergence"][name], expected_jsd[name].detach())
+    divergences = out["layer_divergence"]
+    assert all(d.shape == (6,) and not d.requires_grad for d in divergences.values())
+    expected = nn.functional.cross_entropy(logits, y) + 0.5 * sum(
+        d.mean() for d in divergences.values()
+    )
+    torch.testing.assert_close(out["loss"], expected)
+
+
+@pytest.mark.parametrize("method", ["jacobian", "hessian"])
+@pytest.mark.parametrize("wrt", ["weight", "activation"])
+def test_map_term_trains_the_student_and_not_the_teacher(method, wrt):
+    teacher, student = pair()
+    module = DistillationModule(
+        teacher, student, num_classes=5, layers=PAIRS[:2], method=method, wrt=wrt
+    )
+    x, y = batch()
+    logits, divergences = module.layer_divergences(x, y, create_graph=True)
+    map_loss = sum(d.mean() for d in divergences.values())
+    assert map_loss.item() > 0
+    map_loss.backward()  # the map term alone
+    stem = student.conv1.weight.grad  # before every crucial layer: reached only via the maps
+    assert stem is not None and torch.isfinite(stem).all() and stem.abs().sum() > 0
+    assert student.layer1[0].conv1.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    assert not any(p.requires_grad for p in teacher.parameters())
+    if wrt == "weight":  # one map per batch, counted once per sample
+        assert all(torch.all(d == d[0]) for d in divergences.values())
+
+
+def test_validation_reports_accuracy_and_layer_jsd_for_derivative_maps(tmp_path):
+    teacher, student = pair()
+    module = DistillationModule(teacher, student, num_classes=5, method="hessian", wrt="activation")
+    fit = trainer(tmp_path, max_epochs=1)
+    fit.fit(module, loader(), loader())
+    metrics = fit.callback_metrics
+    for key in ("val/acc", "val/loss", "val/jsd/layer1", "val/jsd/layer4", "train/jsd/layer2"):
+        assert key in metrics and math.isfinite(float(metrics[key])), key
+    assert 0.0 <= float(metrics["val/acc"]) <= 1.0
+    assert 0.0 <= float(metrics["val/jsd/layer1"]) <= math.log(2)
+
+
+def test_validation_accuracy_is_top1_by_hand(tmp_path):
+    teacher, student = pair()
+    module = DistillationModule(teacher, student, num_classes=5, layers=PAIRS)
+    module.eval()
+    val = loader(n=16)
+    [result] = trainer(tmp_path).validate(module, val, verbose=False)
+    x, y = val.dataset.tensors
+    with torch.no_grad():
+        expected = (student(x).argmax(1) == y).float().mean().item()
+    assert result["val/acc"] == pytest.approx(expected)
+
+
+def test_multilabel_uses_bce_and_reports_map_and_accuracy(tmp_path):
+    teacher, student = pair()
+    x, _ = batch(n=16)
+    y = (torch.rand(16, 5, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+    data = DataLoader(TensorDataset(x, y), batch_size=8)
+    module = DistillationModule(
+        teacher, student, num_classes=5, task="multilabel", method="jacobian", wrt="activation"
+    )
+    out = module.training_step((x[:8], y[:8]), 0)
+    logits = student(x[:8])
+    bce = nn.functional.binary_cross_entropy_with_logits(logits, y[:8])
+    maps = sum(d.mean() for d in out["layer_divergence"].values())
+    torch.testing.assert_close(out["loss"], bce + maps, rtol=1e-5, atol=1e-6)
+    fit = trainer(tmp_path)
+    fit.fit(module, data, data)
+    assert {"val/map", "val/acc"} <= set(fit.callback_metrics)
+
+
+def test_label_free_target_and_student_alone():
+    teacher, student = pair()
+    x, y = batch()
+    module = DistillationModule(
+        teacher, student, num_classes=5, layers=PAIRS, method="jacobian", map_target="teacher"
+    )
+    out = module.training_step((x, torch.full_like(y, 4)), 0)  # labels unused by the maps
+    ref = DistillationModule(teacher, student, num_classes=5, layers=PAIRS, method="jacobian")
+    ref_out = ref.training_step((x, teacher(x).argmax(1)), 0)
+    for name in out["layer_divergence"]:
+        torch.testing.assert_close(out["layer_divergence"][name], ref_out["layer_divergence"][name])
+    alone = DistillationModule(None, student, num_classes=5, method="none")
+    result = alone.training_step((x, y), 0)
+    torch.testing.assert_close(result["loss"], nn.functional.cross_entropy(student(x), y))
+    assert result["layer_divergence"] == {}
+    assert [g["name"] for g in alone.param_groups()] == ["base"]
