@@ -99,13 +99,18 @@ def match_maps(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
     )
 
 
+def _at_least_float32(t: Tensor) -> Tensor:
+    # half precision is upcast; float64 stays float64
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def score(logits: Tensor, target: Tensor, task: Task = "multiclass") -> Tensor:
     """``s_i``, the per-sample scalar a derivative map differentiates (design.md section 1).
 
     Multi-class: ``log_softmax(z_i)[y_i]`` with ``target`` the class indices. Multi-label:
     ``sum_k y_ik log sigmoid(z_ik)`` over the positive labels, ``target`` a 0/1 matrix.
     """
-    z = logits.float()
+    z = _at_least_float32(logits)
     if task == "multiclass":
         return torch.log_softmax(z, dim=-1).gather(1, target.long().view(-1, 1)).squeeze(1)
     return (F.logsigmoid(z) * target.to(z.dtype)).sum(dim=-1)
@@ -113,8 +118,8 @@ def score(logits: Tensor, target: Tensor, task: Task = "multiclass") -> Tensor:
 
 def _score_curvature(logits: Tensor, u: Tensor, target: Tensor, task: Task) -> Tensor:
     """``H_z u`` with ``H_z = -d^2 s / dz^2`` per sample (positive semi-definite)."""
-    z = logits.float()
-    u = u.float()
+    z = _at_least_float32(logits)
+    u = u.to(z.dtype)
     if task == "multiclass":
         p = torch.softmax(z, dim=-1)
         return p * u - p * (p * u).sum(dim=-1, keepdim=True)  # (diag(p) - p p^T) u

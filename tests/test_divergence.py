@@ -1,0 +1,128 @@
+"""Jensen-Shannon and KL divergence (design.md section 4) against SciPy and by their properties."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import jensenshannon
+from scipy.stats import entropy
+
+from lightning_layerkd.divergence import LN2, js_divergence, kl_divergence
+
+
+def simplex(*shape: int, dim: int = -1, seed: int = 0, alpha: float = 1.0) -> torch.Tensor:
+    """Dirichlet(alpha) draws in float64, normalised along ``dim`` (small alpha: peaked)."""
+    x = torch.from_numpy(np.random.default_rng(seed).gamma(alpha, size=shape))
+    return x / x.sum(dim, keepdim=True)
+
+
+def sparse_simplex(*shape: int, seed: int = 0, zero_frac: float = 0.6) -> torch.Tensor:
+    """Distributions on the last dim with many exact zeros (each row keeps at least one mass)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(shape, generator=g, dtype=torch.float64)
+    x = torch.where(torch.rand(shape, generator=g, dtype=torch.float64) < zero_frac, 0.0, x)
+    x[..., 0] += 0.1
+    return x / x.sum(-1, keepdim=True)
+
+
+def scipy_jsd(p: torch.Tensor, q: torch.Tensor, axis: int = -1) -> np.ndarray:
+    """Reference JSD: SciPy's Jensen-Shannon *distance* squared, natural log (base e)."""
+    return jensenshannon(p.numpy(), q.numpy(), axis=axis) ** 2
+
+
+@pytest.mark.parametrize("shape", [(7,), (5, 10), (3, 4, 16), (2, 1000)])
+def test_js_matches_scipy_on_random_distributions(shape: tuple[int, ...]) -> None:
+    p, q = simplex(*shape, seed=1), simplex(*shape, seed=2, alpha=0.3)
+    got = js_divergence(p, q)
+    assert got.shape == shape[:-1]
+    np.testing.assert_allclose(got.numpy(), scipy_jsd(p, q), rtol=0, atol=1e-6)
+    assert float(got.min()) > 1e-3  # not trivially zero: the comparison has teeth
+
+
+def test_js_along_dim0_matches_scipy() -> None:
+    p, q = simplex(9, 4, dim=0, seed=3), simplex(9, 4, dim=0, seed=4)
+    got = js_divergence(p, q, dim=0)
+    assert got.shape == (4,)
+    np.testing.assert_allclose(got.numpy(), scipy_jsd(p, q, axis=0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(got, js_divergence(p.T, q.T), rtol=0, atol=1e-15)
+    assert float(got.min()) > 1e-3
+
+
+def test_js_matches_scipy_with_exact_zeros() -> None:
+    p, q = sparse_simplex(6, 20, seed=5), sparse_simplex(6, 20, seed=6)
+    assert (p == 0).float().mean() > 0.3 and (q == 0).float().mean() > 0.3
+    got = js_divergence(p, q)
+    assert torch.isfinite(got).all()
+    np.testing.assert_allclose(got.numpy(), scipy_jsd(p, q), rtol=0, atol=1e-6)
+
+
+def test_js_of_disjoint_supports_is_ln2() -> None:
+    p = torch.tensor([[0.2, 0.8, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    q = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.0, 0.1, 0.3, 0.6]], dtype=torch.float64)
+    got = js_divergence(p, q)
+    np.testing.assert_allclose(got.numpy(), [LN2, LN2], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(scipy_jsd(p, q), [LN2, LN2], rtol=0, atol=1e-12)
+
+
+def test_js_symmetric_and_zero_on_equal() -> None:
+    p, q = simplex(8, 12, seed=7), simplex(8, 12, seed=8)
+    torch.testing.assert_close(js_divergence(p, q), js_divergence(q, p), rtol=0, atol=1e-15)
+    zero = torch.zeros(8, dtype=torch.float64)
+    torch.testing.assert_close(js_divergence(p, p), zero, rtol=0, atol=1e-15)
+    s = sparse_simplex(8, 12, seed=9)
+    torch.testing.assert_close(js_divergence(s, s), zero, rtol=0, atol=1e-15)
+
+
+def test_js_bounded_by_ln2_on_many_draws() -> None:
+    # peaked Dirichlet draws and sparse rows push some divergences close to the bound
+    pairs = [
+        (simplex(500, 6, seed=s, alpha=0.05), simplex(500, 6, seed=s + 9, alpha=0.05))
+        for s in range(4)
+    ]
+    pairs.append(
+        (
+            sparse_simplex(500, 6, seed=10, zero_frac=0.8),
+            sparse_simplex(500, 6, seed=11, zero_frac=0.8),
+        )
+    )
+    d = torch.cat([js_divergence(p, q) for p, q in pairs])
+    assert float(d.min()) >= 0.0
+    assert float(d.max()) <= LN2 + 1e-12
+    assert float(d.max()) > 0.99 * LN2  # the draws do reach near the bound
+
+
+def test_js_shape_mismatch_names_both_shapes() -> None:
+    with pytest.raises(ValueError) as info:
+        js_divergence(torch.rand(2, 3), torch.rand(3, 2))
+    assert "(2, 3)" in str(info.value) and "(3, 2)" in str(info.value)
+
+
+def test_js_gradient_finite_with_zeros_and_exact_elsewhere() -> None:
+    p = torch.tensor([[0.0, 0.3, 0.7, 0.0], [0.5, 0.5, 0.0, 0.0]], dtype=torch.float64)
+    q = torch.tensor([[0.4, 0.0, 0.6, 0.0], [0.0, 0.25, 0.25, 0.5]], dtype=torch.float64)
+    p.requires_grad_(True)
+    q.requires_grad_(True)
+    js_divergence(p, q).sum().backward()
+    assert torch.isfinite(p.grad).all() and torch.isfinite(q.grad).all()
+    # where both are positive, d JSD / d p_i = log(p_i / m_i) / 2 (the other terms cancel)
+    both = (p > 0) & (q > 0)
+    m = (p + q).detach() / 2
+    expected = 0.5 * torch.log(p.detach() / m)
+    torch.testing.assert_close(p.grad[both], expected[both], rtol=0, atol=1e-12)
+
+
+def test_js_gradcheck_on_positive_inputs() -> None:
+    p = simplex(3, 5, seed=12).requires_grad_(True)
+    q = simplex(3, 5, seed=13).requires_grad_(True)
+    assert torch.autograd.gradcheck(js_divergence, (p, q))
+    assert torch.autograd.gradcheck(lambda a, b: js_divergence(a, b, dim=0), (p, q))
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_kl_matches_scipy_entropy(sparse: bool) -> None:
+    p = sparse_simplex(4, 9, seed=14) if sparse else simplex(4, 9, seed=14)
+    q = simplex(4, 9, seed=15)  # positive wherever p is
+    got = kl_divergence(p, q)
+    np.testing.assert_allclose(got.numpy(), entropy(p.numpy(), q.numpy(), axis=-1), atol=1e-10)
+    assert float(got.min()) > 1e-3

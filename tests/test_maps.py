@@ -1,0 +1,455 @@
+"""Attention, Jacobian and Hessian maps (design.md section 3), checked against independent math.
+
+The derivative maps are compared with ``torch.autograd.functional`` Jacobians and Hessians of the
+score ``sum_i s_i`` written out here, on a tiny float64 CNN. With batch norm in eval mode the net
+is piecewise linear in one layer's weight (or output), so the library's Gauss-Newton Hessian is
+exact for that block and can be compared with the true Hessian entry by entry.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.functional import hessian, jacobian
+from torch.func import functional_call
+
+import lightning_layerkd.layers as layers_module
+from lightning_layerkd.layers import FeatureHooks
+from lightning_layerkd.maps import (
+    attention_map,
+    compute_maps,
+    hessian_map,
+    jacobian_map,
+    match_maps,
+    score,
+    to_distribution,
+)
+
+B = 4  # batch size; inputs are (B, 3, 5, 5)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tensors here are tiny: intra-op threads only add overhead (badly so on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cnn64(seed: int = 0, mid: int = 4, out: int = 6, k: int = 3) -> nn.Sequential:
+    """conv-BN-ReLU, conv(no bias)-BN-ReLU, pool, linear; float64, non-trivial BN statistics."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, mid, 3, padding=1),
+        nn.BatchNorm2d(mid),
+        nn.ReLU(),
+        nn.Conv2d(mid, out, k, padding=k // 2, bias=False),
+        nn.BatchNorm2d(out),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(out, 3),
+    ).double()
+    with torch.no_grad():
+        for bn in (model[1], model[4]):
+            bn.running_mean.normal_(0.0, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0.0, 0.5)
+    return model
+
+
+def batch(seed: int = 0) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 3, 5, 5, generator=g, dtype=torch.float64), torch.tensor([0, 2, 1, 2])
+
+
+def total_score(z: Tensor, y: Tensor, task: str = "multiclass") -> Tensor:
+    """``sum_i s_i`` in the logits' own precision, written independently of the library."""
+    if task == "multiclass":
+        return torch.log_softmax(z, dim=-1)[torch.arange(len(z)), y].sum()
+    return (F.logsigmoid(z) * y).sum()
+
+
+def score_of_weight(model: nn.Module, name: str, x: Tensor, y: Tensor, task: str = "multiclass"):
+    """``W -> sum_i s_i`` with the parameter ``name`` replaced by ``W``."""
+    return lambda w: total_score(functional_call(model, {name: w}, (x,)), y, task)
+
+
+def score_of_features(model: nn.Sequential, index: int, y: Tensor):
+    """``F -> sum_i s_i`` where ``F`` is the output of ``model[index]``."""
+    return lambda f: total_score(model[index + 1 :](f), y)
+
+
+def rademacher(shape: torch.Size, g: torch.Generator) -> Tensor:
+    """The library's probe draw (``rademacher_like``), reproduced for a seeded generator."""
+    return (torch.randint(0, 2, shape, generator=g) * 2 - 1).double()
+
+
+def hutchinson(h: Tensor, probes: list[Tensor]) -> Tensor:
+    """``mean_k v_k * (H v_k)`` for an (N, N) matrix and probes of any shape with N entries."""
+    return torch.stack([v * (h @ v.flatten()).view_as(v) for v in probes]).mean(0)
+
+
+def assert_close32(got: Tensor, expected: Tensor) -> None:
+    """The library computes the score in float32 (see test_float64_precision), so compare at
+    float32 precision relative to the map's scale; a wrong formula is off by far more."""
+    assert float(expected.abs().max()) > 1e-8, "reference map is degenerate"
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6 * scale)
+
+
+def no_hooks(model: nn.Module) -> bool:
+    return all(not m._forward_hooks for m in model.modules())
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def test_attention_map_by_definition() -> None:
+    torch.manual_seed(0)
+    f = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    p2 = torch.zeros(2, 4, 5, dtype=torch.float64)
+    p1 = torch.zeros(2, 4, 5, dtype=torch.float64)
+    for b, c, i, j in itertools.product(range(2), range(3), range(4), range(5)):
+        p2[b, i, j] += abs(float(f[b, c, i, j])) ** 2
+        p1[b, i, j] += abs(float(f[b, c, i, j]))
+    got = attention_map(f)
+    assert got.shape == (2, 4, 5) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), p2, rtol=1e-6, atol=0)
+    torch.testing.assert_close(attention_map(f, p=1).double(), p1, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4), (2, 3, 4, 5, 6)])
+def test_attention_map_rejects_non_4d(shape: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        attention_map(torch.randn(shape))
+
+
+# --------------------------------------------------------------------------- distributions
+
+
+def test_to_distribution_normalises_each_row() -> None:
+    torch.manual_seed(0)
+    m = torch.rand(3, 4, 5, dtype=torch.float64) * torch.tensor([1.0, 1e-9, 1e6]).view(3, 1, 1)
+    p = to_distribution(m)
+    assert p.shape == (3, 20) and p.dtype == torch.float32
+    torch.testing.assert_close(p.sum(1), torch.ones(3), rtol=0, atol=1e-6)
+    expected = (m.flatten(1) / m.flatten(1).sum(1, keepdim=True)).float()  # d is negligible
+    torch.testing.assert_close(p, expected, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("c", [1e-12, 1e-3, 7.0, 1e9])
+def test_to_distribution_is_scale_invariant(c: float) -> None:
+    torch.manual_seed(0)
+    m = torch.rand(2, 6, 6, dtype=torch.float64)
+    m[0, :3] = 0.0  # exact zeros get the same (relative) floor at any scale
+    torch.testing.assert_close(to_distribution(c * m), to_distribution(m), rtol=1e-6, atol=1e-9)
+
+
+def test_to_distribution_zero_map_is_uniform_and_half_is_upcast() -> None:
+    torch.manual_seed(0)
+    zero = to_distribution(torch.zeros(2, 3, 3))
+    torch.testing.assert_close(zero, torch.full((2, 9), 1 / 9), rtol=1e-6, atol=0)
+    half = to_distribution(torch.rand(2, 3, 3).half())
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half.sum(1), torch.ones(2), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="batch dimension"):
+        to_distribution(torch.rand(5))
+
+
+# --------------------------------------------------------------------------- matching
+
+
+def test_match_maps_pools_the_larger_spatial_map() -> None:
+    torch.manual_seed(0)
+    big, small = torch.rand(3, 8, 8, dtype=torch.float64), torch.rand(3, 4, 4, dtype=torch.float64)
+    by_hand = big.view(3, 4, 2, 4, 2).mean(dim=(2, 4)).flatten(1)  # avg_pool2d(2) by hand
+    s, t = match_maps(big, small)
+    torch.testing.assert_close(s, by_hand, rtol=0, atol=1e-15)
+    torch.testing.assert_close(t, small.flatten(1), rtol=0, atol=0)
+    s, t = match_maps(small, big)  # the teacher's map may be the larger one
+    torch.testing.assert_close(s, small.flatten(1), rtol=0, atol=0)
+    torch.testing.assert_close(t, by_hand, rtol=0, atol=1e-15)
+
+
+def test_match_maps_weight_maps() -> None:
+    torch.manual_seed(0)
+    w8, w4 = torch.rand(8, 4, 3, 3), torch.rand(4, 4, 3, 3)
+    s, t = match_maps(w4, w4 * 2)  # equal shapes: flattened, one distribution per batch
+    assert s.shape == t.shape == (1, 144)
+    torch.testing.assert_close(t, 2 * w4.reshape(1, -1))
+    s, t = match_maps(w8, w4)  # per-output-channel sums, pooled 8 -> 4: pairs averaged
+    sums8 = [float(w8[o].sum()) for o in range(8)]
+    expected = torch.tensor([[(sums8[2 * i] + sums8[2 * i + 1]) / 2 for i in range(4)]])
+    torch.testing.assert_close(s, expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(t, torch.stack([w4[o].sum() for o in range(4)]).view(1, 4))
+
+
+# --------------------------------------------------------------------------- score
+
+
+def test_score_multiclass_and_multilabel() -> None:
+    torch.manual_seed(0)
+    z = torch.randn(5, 4, dtype=torch.float64)
+    y = torch.tensor([3, 0, 1, 1, 2])
+    expected = [torch.log(torch.exp(z[i, y[i]]) / torch.exp(z[i]).sum()) for i in range(5)]
+    torch.testing.assert_close(score(z, y).double(), torch.stack(expected), rtol=1e-6, atol=0)
+    labels = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0], [0, 0, 0, 1]])
+    expected = [
+        sum(-torch.log1p(torch.exp(-z[i, k])) for k in range(4) if labels[i, k]) for i in range(5)
+    ]
+    expected = torch.stack([torch.as_tensor(e, dtype=torch.float64) for e in expected])
+    got = score(z, labels, task="multilabel").double()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- jacobian maps
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["bn_eval", "bn_train"])
+@pytest.mark.parametrize("path", ["0", "3"])
+def test_jacobian_weight_map(train: bool, path: str) -> None:
+    model, (x, y) = cnn64().train(train), batch()
+    w = model.get_submodule(path).weight.detach().clone()
+    g = jacobian(score_of_weight(model, f"{path}.weight", x, y), w)
+    (got,) = jacobian_map(model, x, [path], y, wrt="weight")
+    assert got.shape == w.shape and got.dtype == torch.float64
+    assert_close32(got, g**2)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["bn_eval", "bn_train"])
+@pytest.mark.parametrize("index", [1, 2])
+def test_jacobian_activation_map(train: bool, index: int) -> None:
+    model, (x, y) = cnn64().train(train), batch()
+    (got,) = jacobian_map(model, x, [str(index)], y, wrt="activation")
+    f = model[: index + 1](x).detach()
+    g = jacobian(score_of_features(model, index, y), f)  # (B, C, H, W)
+    assert got.shape == (B, 5, 5)
+    assert_close32(got, (g**2).sum(dim=1))
+
+
+def test_jacobian_multilabel() -> None:
+    model, (x, _) = cnn64().eval(), batch()
+    labels = torch.tensor([[1, 0, 1], [0, 0, 1], [1, 1, 1], [0, 1, 0]], dtype=torch.float64)
+    w = model[3].weight.detach().clone()
+    g = jacobian(score_of_weight(model, "3.weight", x, labels, task="multilabel"), w)
+    (got,) = jacobian_map(model, x, ["3"], labels, task="multilabel")
+    assert_close32(got, g**2)
+
+
+@pytest.mark.parametrize("method", ["jacobian", "hessian"])
+def test_default_target_is_the_arg_max(method: str) -> None:
+    model, (x, _) = cnn64().eval(), batch()
+    top = model(x).argmax(dim=-1)
+    fn = jacobian_map if method == "jacobian" else hessian_map
+    kw = {} if method == "jacobian" else {"generator": torch.Generator().manual_seed(0)}
+    (default,) = fn(model, x, ["3"], **kw)
+    kw = {} if method == "jacobian" else {"generator": torch.Generator().manual_seed(0)}
+    (explicit,) = fn(model, x, ["3"], top, **kw)
+    torch.testing.assert_close(default, explicit, rtol=0, atol=0)
+    (other,) = fn(model, x, ["3"], (top + 1) % 3, **kw)
+    assert not torch.allclose(default, other)
+
+
+# --------------------------------------------------------------------------- hessian maps
+
+
+@pytest.mark.parametrize("task", ["multiclass", "multilabel"])
+def test_hessian_weight_map_reproduces_hutchinson_with_exact_hessian(task: str) -> None:
+    model, (x, y) = cnn64().eval(), batch()
+    if task == "multilabel":
+        y = torch.tensor([[1, 0, 1], [0, 0, 1], [1, 1, 1], [0, 1, 0]], dtype=torch.float64)
+    w = model[3].weight.detach().clone()
+    h = hessian(score_of_weight(model, "3.weight", x, y, task), w, vectorize=True)
+    h = h.reshape(w.numel(), -1)
+    g = torch.Generator().manual_seed(7)
+    probes = [rademacher(w.shape, g) for _ in range(3)]
+    gen = torch.Generator().manual_seed(7)
+    (got,) = hessian_map(model, x, ["3"], y, task=task, num_probes=3, generator=gen)
+    assert got.shape == w.shape and got.dtype == torch.float64
+    assert_close32(got, hutchinson(h, probes).abs())
+
+
+def cnn64_1x1() -> nn.Sequential:
+    """``model[3]`` is a 1x1 conv 2 -> 2: four weight entries, so 2^4 sign vectors."""
+    return cnn64(seed=1, mid=2, out=2, k=1).eval()
+
+
+def test_hessian_estimate_over_all_sign_vectors_is_the_diagonal(monkeypatch) -> None:
+    model, (x, y) = cnn64_1x1(), batch(1)
+    w = model[3].weight.detach().clone()
+    h = hessian(score_of_weight(model, "3.weight", x, y), w).reshape(4, 4)
+    off = h - torch.diag(h.diagonal())
+    assert float(off.abs().max()) > 0.1 * float(h.diagonal().abs().max())  # cross terms matter
+    signs = [
+        torch.tensor(s, dtype=torch.float64).view(w.shape)
+        for s in itertools.product([-1.0, 1.0], repeat=4)
+    ]
+    # the identity E[v * (H v)] = diag(H), exactly, averaging over all 16 sign vectors
+    torch.testing.assert_close(hutchinson(h, signs).flatten(), h.diagonal(), rtol=0, atol=1e-12)
+    # the library fed those 16 vectors as its probes gives |diag(H)|
+    feed = iter(signs)
+    monkeypatch.setattr(layers_module, "rademacher_like", lambda like, *a, **k: next(feed))
+    (got,) = hessian_map(model, x, ["3"], y, num_probes=16)
+    assert next(feed, None) is None
+    assert_close32(got.flatten(), h.diagonal().abs())
+
+
+def test_hessian_estimate_converges_with_many_probes() -> None:
+    model, (x, y) = cnn64_1x1(), batch(1)
+    w = model[3].weight.detach().clone()
+    h = hessian(score_of_weight(model, "3.weight", x, y), w).reshape(4, 4)
+    n = 256
+    (got,) = hessian_map(
+        model, x, ["3"], y, num_probes=n, generator=torch.Generator().manual_seed(3)
+    )
+    # entry i errs by sum_{j != i} H_ij mean_k(v_ki v_kj); each mean has std 1/sqrt(n), so the
+    # error's std is sigma_i = sqrt(sum_{j != i} H_ij^2 / n). 5 sigma never fails by chance.
+    sigma = ((h**2).sum(1) - h.diagonal() ** 2).sqrt() / n**0.5
+    err = (got.flatten() - h.diagonal().abs()).abs()
+    assert (err <= 5 * sigma + 1e-6).all(), (err, sigma)
+    assert float(5 * sigma.max()) < 0.1 * float(h.diagonal().abs().max())  # and it is tight
+
+
+def test_hessian_activation_map_reproduces_hutchinson_with_exact_hessian() -> None:
+    model, (x, y) = cnn64().eval(), batch()
+    f = model[:3](x).detach()
+    h = hessian(score_of_features(model, 2, y), f, vectorize=True).reshape(f.numel(), -1)
+    g = torch.Generator().manual_seed(5)
+    probes = [rademacher(f.shape, g) for _ in range(2)]
+    gen = torch.Generator().manual_seed(5)
+    (got,) = hessian_map(model, x, ["2"], y, wrt="activation", num_probes=2, generator=gen)
+    assert got.shape == (B, 5, 5)
+    assert_close32(got, hutchinson(h, probes).abs().sum(dim=1))
+
+
+def test_two_layers_share_one_pass_with_probes_drawn_in_forward_order() -> None:
+    """One forward pass carries both layers' probes, so each map is ``v_j * (GN v)_j`` for the
+    joint Gauss-Newton matrix ``GN = J^T H_z J`` of (W0, W3); its mean is still diag(H_jj)."""
+    model, (x, y) = cnn64().eval(), batch()
+    w0, w3 = model[0].weight.detach().clone(), model[3].weight.detach().clone()
+
+    def logits(a: Tensor, b: Tensor) -> Tensor:
+        return functional_call(model, {"0.weight": a, "3.weight": b}, (x,))
+
+    j0, j3 = jacobian(logits, (w0, w3))
+    j = torch.cat([j0.reshape(B * 3, -1), j3.reshape(B * 3, -1)], dim=1)
+    p = torch.softmax(logits(w0, w3), dim=-1).detach()
+    hz = torch.block_diag(*[torch.diag(pi) - torch.outer(pi, pi) for pi in p])
+    g = torch.Generator().manual_seed(11)
+    v0, v3 = rademacher(w0.shape, g), rademacher(w3.shape, g)  # conv "0" runs first
+    v = torch.cat([v0.flatten(), v3.flatten()])
+    est = (v * (j.T @ hz @ j @ v)).abs()
+    gen = torch.Generator().manual_seed(11)
+    got3, got0 = hessian_map(model, x, ["3", "0"], y, generator=gen)
+    assert_close32(got0.flatten(), est[: w0.numel()])
+    assert_close32(got3.flatten(), est[w0.numel() :])
+
+
+
+@pytest.mark.parametrize("path", ["0", "3"])
+def test_float64_precision_of_derivative_maps(path: str) -> None:
+    """A float64 model gets float64-exact maps (the other tests compare at float32 precision)."""
+    model, (x, y) = cnn64().eval(), batch()
+    w = model.get_submodule(path).weight.detach().clone()
+    fn = score_of_weight(model, f"{path}.weight", x, y)
+    (jac,) = jacobian_map(model, x, [path], y)
+    h = hessian(fn, w, vectorize=True).reshape(w.numel(), -1)
+    probes = [rademacher(w.shape, torch.Generator().manual_seed(2))]
+    (hes,) = hessian_map(model, x, [path], y, generator=torch.Generator().manual_seed(2))
+    ok_jac = torch.allclose(jac, jacobian(fn, w) ** 2, rtol=0, atol=1e-12)
+    ok_hes = torch.allclose(hes, hutchinson(h, probes).abs(), rtol=0, atol=1e-10)
+    assert ok_jac and ok_hes, (ok_jac, ok_hes)
+
+
+# --------------------------------------------------------------------------- training through maps
+
+
+def _map_at_3(model: nn.Module, x: Tensor, y: Tensor, method: str, wrt: str, create: bool):
+    if method == "jacobian":
+        return jacobian_map(model, x, ["3"], y, wrt=wrt, create_graph=create)[0]
+    gen = torch.Generator().manual_seed(0)
+    return hessian_map(model, x, ["3"], y, wrt=wrt, generator=gen, create_graph=create)[0]
+
+
+@pytest.mark.parametrize("wrt", ["weight", "activation"])
+@pytest.mark.parametrize("method", ["jacobian", "hessian"])
+def test_map_loss_trains_earlier_layers_through_train_mode_bn(method: str, wrt: str) -> None:
+    model, (x, y) = cnn64().train(), batch()
+    constant = _map_at_3(model, x, y, method, wrt, create=False)
+    assert constant.grad_fn is None and not constant.requires_grad
+    m = _map_at_3(model, x, y, method, wrt, create=True)
+    assert m.grad_fn is not None
+    model.zero_grad()
+    m.sum().backward()  # model[0] is upstream of the map's layer: gradient only via the map
+    grad = model[0].weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and float(grad.abs().max()) > 1e-6
+
+
+@pytest.mark.parametrize(
+    ("method", "train"), [("jacobian", False), ("jacobian", True), ("hessian", False)]
+)
+def test_map_loss_gradient_value(method: str, train: bool) -> None:
+    """d sum(map) / d W0, against double (jacobian) or triple (hessian) backward by hand.
+    (Training-mode BN has no third derivative, so the hessian case is checked in eval mode.)"""
+    model, (x, y) = cnn64().train(train), batch()
+    w0 = model[0].weight.detach().clone().requires_grad_(True)
+    w3 = model[3].weight.detach().clone().requires_grad_(True)
+    s = total_score(functional_call(model, {"0.weight": w0, "3.weight": w3}, (x,)), y)
+    (g,) = torch.autograd.grad(s, w3, create_graph=True)
+    if method == "jacobian":
+        loss = (g**2).sum()
+    else:
+        v = rademacher(w3.shape, torch.Generator().manual_seed(0))
+        (hv,) = torch.autograd.grad(g, w3, v, create_graph=True)
+        loss = (v * hv).abs().sum()
+    (expected,) = torch.autograd.grad(loss, w0)
+    model.zero_grad()
+    _map_at_3(model, x, y, method, "weight", create=True).sum().backward()
+    torch.testing.assert_close(
+        model[0].weight.grad, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max())
+    )
+
+
+# --------------------------------------------------------------------------- hygiene and errors
+
+
+def test_hooks_removed_and_frozen_weights_stay_frozen() -> None:
+    model, (x, y) = cnn64().eval(), batch()
+    (reference,) = jacobian_map(model, x, ["3"], y)
+    hessian_map(model, x, ["2"], y, wrt="activation")
+    assert no_hooks(model)
+    with pytest.raises(ValueError):
+        hessian_map(model, x, ["3"], y, num_probes=0)
+    assert no_hooks(model)  # removed even when the call fails
+    model.requires_grad_(False)
+    (frozen,) = jacobian_map(model, x, ["3"], y, wrt="weight")
+    assert not any(p.requires_grad for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())
+    torch.testing.assert_close(frozen, reference, rtol=0, atol=0)
+    assert no_hooks(model)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "names"),
+    [
+        ({"method": "gradient"}, ["attention", "jacobian", "hessian"]),
+        ({"method": "jacobian", "wrt": "input"}, ["weight", "activation"]),
+        ({"method": "hessian", "num_probes": 0}, ["at least 1"]),
+    ],
+)
+def test_compute_maps_rejects_invalid_options(kwargs: dict, names: list[str]) -> None:
+    model, (x, _) = cnn64(), batch()
+    hooks = FeatureHooks([model[3]], ["3"])
+    try:
+        with pytest.raises(ValueError) as info:
+            compute_maps(model, x, hooks, **kwargs)
+    finally:
+        hooks.remove()
+    assert all(name in str(info.value) for name in names), str(info.value)
