@@ -305,12 +305,12 @@ class DistillationModule(LightningModule):
             return F.cross_entropy(logits, target)
         return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype))
 
-    def layer_divergences(
+    def layer_maps(
         self, x: Tensor, y: Tensor, *, create_graph: bool
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Student logits and, per crucial layer, the per-sample JSD between the student's
-        and the teacher's maps (eqs. 8-10). Weight maps give one JSD per batch, repeated for
-        each sample so that every entry counts once per sample (design.md section 5)."""
+    ) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
+        """Student logits and, per crucial layer, the ``(student, teacher)`` maps on a common
+        support (:func:`~lightning_layerkd.maps.match_maps`), not yet normalised: ``(B, K)``
+        per-sample maps or ``(1, K)`` weight maps. Teacher maps are constants."""
         if self.method == "none":
             return self.student(x), {}
         self.resolve_layers(x)
@@ -345,9 +345,18 @@ class DistillationModule(LightningModule):
                 f"{err}\nCandidates with output shapes:\n"
                 f"{format_candidates(trace_feature_maps(model, x[:2]))}"
             ) from err
+        pairs = zip(self.layer_names, student_maps, teacher_maps, strict=True)
+        return logits, {name: match_maps(s, t.detach()) for name, s, t in pairs}
+
+    def layer_divergences(
+        self, x: Tensor, y: Tensor, *, create_graph: bool
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Student logits and, per crucial layer, the per-sample JSD between the student's
+        and the teacher's maps (eqs. 8-10). Weight maps give one JSD per batch, repeated for
+        each sample so that every entry counts once per sample (design.md section 5)."""
+        logits, maps = self.layer_maps(x, y, create_graph=create_graph)
         divergences = {}
-        for name, s_map, t_map in zip(self.layer_names, student_maps, teacher_maps, strict=True):
-            s, t = match_maps(s_map, t_map.detach())
+        for name, (s, t) in maps.items():
             jsd = js_divergence(to_distribution(s), to_distribution(t))
             divergences[name] = jsd.expand(x.shape[0]) if jsd.numel() == 1 else jsd
         return logits, divergences

@@ -1,0 +1,132 @@
+"""``layerkd-report``: Table 1 layout and Figure 2-style curves from a multirun directory."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["collect", "main", "plot_curves", "table"]
+
+#: Table 1's names for the schedules (Kokane et al. 2024).
+SCHEDULE_LABELS = {"none": "None", "multistep": "Constant Update", "layerwise": "Layerwise Update"}
+METHOD_ORDER = ("attention", "jacobian", "hessian", "jacobian_matching", "information_flow")
+
+
+def collect(root: Path) -> list[dict[str, Any]]:
+    """Every ``results.json`` below ``root``."""
+    runs = []
+    for path in sorted(root.rglob("results.json")):
+        result = json.loads(path.read_text())
+        result["_dir"] = str(path.parent)
+        runs.append(result)
+    if not runs:
+        raise FileNotFoundError(
+            f"no results.json below {root}; point layerkd-report at a layerkd-train output or "
+            "multirun directory"
+        )
+    return runs
+
+
+def _cell(values: Sequence[float]) -> str:
+    values = [100 * v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
+
+
+def table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Rows ``(method, LR update)`` and one column per dataset: student accuracy, mean ± std
+    over seeds; plus the student alone and the teacher."""
+    datasets = sorted({run["dataset"] for run in runs})
+    cells: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    teachers: dict[str, dict[str, float]] = defaultdict(dict)
+    for run in runs:
+        key = (run["method"], run["schedule"])
+        cells[key][run["dataset"]].append(run["student"]["val_acc"])
+        teacher = run.get("teacher") or {}
+        if teacher.get("val_acc") is not None:
+            teachers[run["dataset"]][teacher.get("key", "")] = teacher["val_acc"]
+    header = ["Method", "Learning Rate update", *datasets]
+    rows = []
+    methods = sorted(
+        {m for m, _ in cells},
+        key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m),
+    )
+    for method in methods:
+        first = True
+        for schedule in sorted(
+            {s for m, s in cells if m == method},
+            key=lambda s: list(SCHEDULE_LABELS).index(s) if s in SCHEDULE_LABELS else 99,
+        ):
+            label = "Student alone" if method == "none" else method.replace("_", " ").title()
+            row = [label if first else "", SCHEDULE_LABELS.get(schedule, schedule)]
+            row += [_cell(cells[method, schedule].get(d, [])) for d in datasets]
+            rows.append(row)
+            first = False
+    rows.append(["Teacher", "", *[_cell(list(teachers[d].values())) for d in datasets]])
+    return header, rows
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot_curves(runs: list[dict[str, Any]], path: Path) -> Path:
+    """Validation accuracy per epoch for every run, one panel per method (Figure 2 style)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted({run["method"] for run in runs})
+    fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 4), squeeze=False)
+    for ax, method in zip(axes[0], methods, strict=True):
+        for run in (r for r in runs if r["method"] == method):
+            history = run["student"]["history"]
+            epochs = [row["epoch"] + 1 for row in history]
+            accs = [100 * row.get("val/acc", math.nan) for row in history]
+            seed = run.get("config", {}).get("seed", "")
+            label = f"{SCHEDULE_LABELS.get(run['schedule'], run['schedule'])} (seed {seed})"
+            ax.plot(epochs, accs, marker="o", markersize=3, label=label)
+        ax.set_title("student alone" if method == "none" else method)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``layerkd-report DIR``: print the table (markdown), write ``table1.csv`` and
+    ``curves.png`` into DIR (or ``--out``)."""
+    parser = argparse.ArgumentParser(prog="layerkd-report", description=main.__doc__)
+    parser.add_argument("directory", type=Path, help="a layerkd-train output or multirun dir")
+    parser.add_argument("--out", type=Path, default=None, help="where to write csv and png")
+    args = parser.parse_args(argv)
+    runs = collect(args.directory)
+    out = args.out or args.directory
+    out.mkdir(parents=True, exist_ok=True)
+    header, rows = table(runs)
+    print(markdown(header, rows))
+    with open(out / "table1.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([header, *rows])
+    png = plot_curves(runs, out / "curves.png")
+    print(f"\nwrote {out / 'table1.csv'} and {png} ({len(runs)} runs)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""The Hydra app: configs compose and instantiate, runs write results, sweeps report, bad configs
+fail before training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from lightning_layerkd import LayerwiseLRCallback
+from lightning_layerkd.data import make_coco_fixture
+from lightning_layerkd.report import collect, table
+from lightning_layerkd.train import ConfigError, format_result, run
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = {
+    group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    for group in ("dataset", "model", "method", "schedule", "trainer", "logger", "experiment")
+}
+# epochs and batches small enough for seconds per run; every_n_epochs=1 so the callback acts
+TINY = [
+    "epochs=2",
+    "teacher_epochs=1",
+    "milestones=[1]",
+    "every_n_epochs=1",
+    "limit_train_batches=3",
+    "limit_val_batches=2",
+    "dataset.image_size=8",
+    "dataset.batch_size=16",
+    "trainer.enable_progress_bar=false",
+    "logger=none",
+]
+
+
+def config(*overrides: str):
+    with initialize_config_module(config_module="lightning_layerkd.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def write_arrays(folder: Path) -> Path:
+    """A small generated image set in the arrays layout (uint8 HWC, 4 classes)."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", 48), ("test", 16)):
+        np.save(folder / f"x_{split}.npy", rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8))
+        np.save(folder / f"y_{split}.npy", np.arange(n) % 4)
+    return folder
+
+
+@pytest.fixture()
+def cache(tmp_path_factory, monkeypatch) -> Path:
+    """A fresh, empty teacher cache."""
+    path = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("LAYERKD_CACHE", str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def shared_cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("shared-cache")
+
+
+@pytest.fixture()
+def shared_cache(shared_cache_dir, monkeypatch) -> Path:
+    """A teacher cache shared by the runs of this module: the teacher is trained once."""
+    monkeypatch.setenv("LAYERKD_CACHE", str(shared_cache_dir))
+    return shared_cache_dir
+
+
+def test_groups_ship_the_paper_rows():
+    assert GROUPS["method"] == ["attention", "hessian", "jacobian", "none"]
+    assert GROUPS["schedule"] == ["layerwise", "multistep", "none"]
+    assert {"digits", "cifar10", "cifar100", "coco", "arrays"} <= set(GROUPS["dataset"])
+    assert GROUPS["experiment"] == ["cifar100_table1", "cifar10_table1", "coco_table2"]
+
+
+@pytest.mark.parametrize("option", GROUPS["dataset"])
+def test_every_dataset_composes_and_instantiates(option, tmp_path):
+    extra = []
+    if option == "arrays":
+        extra = [f"dataset.data_dir={write_arrays(tmp_path)}"]
+    if option == "coco":
+        ann, images = make_coco_fixture(tmp_path)
+        extra = [f"dataset.annotation_file_{s}={ann}" for s in ("train", "val")]
+        extra += [f"dataset.image_dir_{s}={images}" for s in ("train", "val")]
+    datamodule = instantiate(config(f"dataset={option}", *extra).dataset)
+    assert isinstance(datamodule, pl.LightningDataModule)
+
+
+@pytest.mark.parametrize("option", GROUPS["model"])
+def test_every_model_pair_composes_and_instantiates(option):
+    cfg = config(f"model={option}")
+    teacher = instantiate(cfg.model.teacher, num_classes=7)
+    student = instantiate(cfg.model.student, num_classes=7)
+    size = 64 if "coco" in option else 16
+    with torch.no_grad():
+        teacher.eval(), student.eval()
+        assert student(torch.randn(1, 3, size, size)).shape == (1, 7)
+    assert sum(p.numel() for p in teacher.parameters()) > sum(
+        p.numel() for p in student.parameters()
+    )
+
+
+@pytest.mark.parametrize("option", GROUPS["schedule"])
+def test_every_schedule_instantiates(option):
+    cfg = config(f"schedule={option}")
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    if option == "none":
+        assert cfg.schedule.scheduler is None and cfg.schedule.layerwise is None
+        return
+    scheduler = instantiate(cfg.schedule.scheduler)(optimizer)
+    assert list(scheduler.milestones) == list(cfg.milestones)
+    if option == "layerwise":
+        callback = instantiate(cfg.schedule.layerwise)
+        assert isinstance(callback, LayerwiseLRCallback)
+        assert callback.every_n_epochs == cfg.every_n_epochs and callback.gamma == 0.9
+
+
+@pytest.mark.parametrize("option", GROUPS["trainer"] + GROUPS["logger"] + GROUPS["method"])
+def test_trainer_logger_method_options_compose(option):
+    group = next(g for g in ("trainer", "logger", "method") if option in GROUPS[g])
+    cfg = config(f"{group}={option}")
+    if group == "trainer" and option == "cpu":
+        pl.Trainer(**OmegaConf.to_container(cfg.trainer), logger=False)
+    if group == "method":
+        assert cfg.method.name == option and cfg.method.wrt in ("weight", "activation")
+
+
+@pytest.mark.parametrize("option", GROUPS["experiment"])
+def test_experiment_presets_carry_the_paper_settings(option):
+    cfg = config(f"experiment={option}")
+    assert cfg.every_n_epochs == 25
+    if option.startswith("cifar"):
+        assert (cfg.epochs, list(cfg.milestones), cfg.lr_decay) == (200, [25, 35], 0.01)
+        assert cfg.model.teacher.depth == 18 and cfg.model.student.depth == 10
+    else:
+        assert cfg.epochs == 100 and cfg.model.student._target_.endswith("resnet34")
+
+
+@pytest.mark.parametrize("method", ["attention", "jacobian", "hessian"])
+@pytest.mark.parametrize("schedule", ["none", "multistep", "layerwise"])
+def test_digits_run_writes_results(method, schedule, tmp_path, shared_cache):
+    cfg = config(*TINY, f"method={method}", f"schedule={schedule}")
+    results = run(cfg, tmp_path)
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["method"] == method and written["schedule"] == schedule
+    assert written["layer_pairs"] == [
+        ["layer1", "layer1"],
+        ["layer2", "layer2"],
+        ["layer3", "layer3"],
+    ]  # 8x8 input: layer4 is 1x1
+    assert 0 <= written["student"]["val_acc"] <= 1 and written["teacher"]["val_acc"] is not None
+    assert [row["epoch"] for row in written["student"]["history"]] == [0, 1]
+    lrs = written["final_lrs"]
+    assert set(lrs) == {"layer1", "layer2", "layer3", "base"}
+    if schedule == "none":
+        assert all(lr == pytest.approx(cfg.lr) for lr in lrs.values())
+    if schedule == "multistep":
+        assert all(lr == pytest.approx(cfg.lr * cfg.lr_decay) for lr in lrs.values())
+    if schedule == "layerwise":
+        assert lrs["base"] == pytest.approx(cfg.lr * cfg.lr_decay)
+        assert set(written["eta"]) == {"layer1", "layer2", "layer3"}
+        assert lrs["layer1"] != pytest.approx(lrs["base"])
+    assert "crucial layers" in format_result(results)
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
+def test_teacher_is_trained_once_then_loaded_from_cache(tmp_path, cache):
+    first = run(config(*TINY), tmp_path / "a")
+    second = run(config(*TINY, "method=jacobian"), tmp_path / "b")
+    assert first["teacher"]["cached"] is False and second["teacher"]["cached"] is True
+    assert first["teacher"]["val_acc"] == second["teacher"]["val_acc"]
+    assert len(list(cache.rglob("*.pt"))) == 1
+    (weights,) = cache.rglob("*.pt")
+    torch.save({"fc.weight": torch.zeros(1)}, weights)  # an incompatible checkpoint
+    with pytest.raises(ValueError, match="does not fit the configured teacher"):
+        run(config(*TINY), tmp_path / "c")
+
+
+def test_student_alone_trains_no_teacher(tmp_path, cache):
+    results = run(config(*TINY, "method=none", "schedule=multistep"), tmp_path)
+    assert results["teacher"] == {} and results["layer_pairs"] == []
+    assert list(cache.rglob("*.pt")) == []
+
+
+# ---------------------------------------------------------------------- bad configs
+def test_unknown_group_option_lists_the_choices():
+    with pytest.raises(ConfigCompositionException) as err:
+        config("method=fisher")
+    assert "Available options in 'method'" in str(err.value)
+    assert "jacobian" in str(err.value)
+
+
+def test_missing_and_wrong_data_path(tmp_path, cache):
+    arrays = [o for o in TINY if "image_size" not in o] + ["dataset=arrays"]
+    with pytest.raises(MissingMandatoryValue, match="data_dir"):
+        run(config(*arrays), tmp_path)
+    with pytest.raises(Exception, match="x_train") as err:
+        run(config(*arrays, f"dataset.data_dir={tmp_path}"), tmp_path)
+    assert isinstance(err.value.__cause__ or err.value, FileNotFoundError)
+
+
+def test_every_n_epochs_beyond_epochs_fails_before_training(tmp_path, cache):
+    with pytest.raises(ConfigError, match="every_n_epochs=5 is larger than epochs=2"):
+        run(config(*TINY, "every_n_epochs=5"), tmp_path)
+    assert list(cache.rglob("*.pt")) == []
+
+
+def test_unknown_layers_fail_before_training_with_candidates(tmp_path, cache):
+    with pytest.raises(ValueError) as err:
+        run(config(*TINY, "layers=[[layer1,layer1],[layer9,layer2]]"), tmp_path)
+    assert "student has no module 'layer9'" in str(err.value)
+    assert "layer2  (16, 8, 4, 4)" in str(err.value)
+    assert list(cache.rglob("*.pt")) == []
+
+
+def test_arrays_dataset_runs(tmp_path, shared_cache):
+    cfg = config(
+        *[o for o in TINY if "image_size" not in o],
+        "dataset=arrays",
+        f"dataset.data_dir={write_arrays(tmp_path / 'data')}",
+    )
+    results = run(cfg, tmp_path / "out")
+    assert results["student"]["val_acc"] is not None
+
+
+# ---------------------------------------------------------------------- console scripts
+@pytest.mark.slow
+def test_multirun_and_report_console_scripts(tmp_path, cache):
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "LAYERKD_CACHE": str(cache)}
+    sweep = tmp_path / "sweep"
+    subprocess.run(
+        [
+            str(bin_dir / "layerkd-train"),
+            "-m",
+            "method=attention,jacobian",
+            "schedule=layerwise",
+            *TINY,
+            f"hydra.sweep.dir={sweep}",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert len(collect(sweep)) == 2
+    report = subprocess.run(
+        [str(bin_dir / "layerkd-report"), str(sweep)],
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert "| Method | Learning Rate update | DigitsDataModule |" in report.stdout
+    assert "| Attention | Layerwise Update |" in report.stdout
+    assert "| Jacobian | Layerwise Update |" in report.stdout
+    assert (sweep / "table1.csv").exists()
+    assert (sweep / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_table_means_and_stds_over_seeds():
+    def result(method, schedule, acc, seed):
+        return {
+            "method": method,
+            "schedule": schedule,
+            "dataset": "D",
+            "config": {"seed": seed},
+            "student": {"val_acc": acc, "history": []},
+            "teacher": {"val_acc": 0.9, "key": "k"},
+        }
+
+    runs = [
+        result("jacobian", "layerwise", 0.5, 0),
+        result("jacobian", "layerwise", 0.7, 1),
+        result("jacobian", "none", 0.4, 0),
+    ]
+    header, rows = table(runs)
+    assert header == ["Method", "Learning Rate update", "D"]
+    assert rows[0] == ["Jacobian", "None", "40.00"]
+    assert rows[1] == ["", "Layerwise Update", "60.00 ± 14.14 (n=2)"]
+    assert rows[-1] == ["Teacher", "", "90.00"]
+
+
+def test_wandb_logger_runs_offline_with_panels_and_map_images(tmp_path, shared_cache, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc credentials
+    cfg = config(
+        *TINY[:-1], "logger=wandb", "logger.map_images_every_n_epochs=1", "logger.group=test"
+    )
+    run(cfg, tmp_path / "out")
+    assert os.environ["WANDB_MODE"] == "offline"
+    (run_dir,) = (tmp_path / "out" / "wandb").glob("offline-run-*")
+    media = run_dir / "files" / "media"
+    images = sorted(p.name.split("_")[0] for p in (media / "images" / "maps").glob("*.png"))
+    assert {"layer1", "layer2", "layer3"} <= set(images)
+    panels = media / "table" / "panels"
+    charts = {str(p.relative_to(panels)).rsplit("_table", 1)[0] for p in panels.rglob("*.json")}
+    assert {"layerwise/lr", "layerwise/eta", "layerwise/divergence", "train/jsd"} <= charts
