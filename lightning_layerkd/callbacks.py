@@ -37,9 +37,11 @@ class LayerwiseLRCallback(Callback):
     logged as ``layerwise/factor/<layer>``, next to ``layerwise/lr``, ``layerwise/eta`` and
     ``layerwise/divergence`` (``A_j``). A non-finite ``A_j`` skips that layer with a warning.
 
-    The update runs when the last training batch of the epoch ends, before validation, epoch-
-    interval schedulers and checkpointing, so a run resumed from any end-of-epoch checkpoint
-    follows the same learning rates as one that was not interrupted.
+    The update runs when the last training batch of the epoch ends: after Lightning has stepped
+    that epoch's schedulers (so ``alpha_j`` is the rate the next epoch would use), before
+    validation and checkpointing, so a run resumed from any end-of-epoch checkpoint follows the
+    same learning rates as one that was not interrupted. ``min_lr``/``max_lr`` bound the rate
+    set by the update; a closed-form scheduler may later move it by its own schedule.
 
     Works with any LightningModule whose param groups carry ``"name"`` and whose
     ``training_step`` returns ``{"loss": ..., "layer_divergence": {name: per-sample JSD}}``,
@@ -120,12 +122,16 @@ class LayerwiseLRCallback(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        skipped = outputs is None or (isinstance(outputs, Mapping) and not outputs)
         divergences = outputs.get("layer_divergence") if isinstance(outputs, Mapping) else None
-        if not isinstance(divergences, Mapping):
+        if skipped:  # training_step returned None: the batch contributes nothing
+            divergences = {}
+        elif not isinstance(divergences, Mapping):
+            received = list(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__
             raise ValueError(
                 "LayerwiseLRCallback needs training_step to return a dict with "
                 "'layer_divergence': {param_group_name: per-sample divergence}; got "
-                f"{type(outputs).__name__}"
+                f"{received}"
             )
         groups = self._named_groups(trainer)
         for name, value in divergences.items():
@@ -153,7 +159,7 @@ class LayerwiseLRCallback(Callback):
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self._update(trainer, pl_module)
         for name, lr in self._current_lrs(trainer).items():
-            pl_module.log(f"layerwise/lr/{name}", lr, on_step=False, on_epoch=True)
+            _log(pl_module, "lr", name, lr)
 
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         names = sorted(self._sum)
@@ -187,9 +193,9 @@ class LayerwiseLRCallback(Callback):
                     "max_lr to bound it"
                 )
             record[name] = {"divergence": divergence, "eta": eta, "factor": factor}
-            pl_module.log(f"layerwise/divergence/{name}", divergence, on_step=False, on_epoch=True)
-            pl_module.log(f"layerwise/eta/{name}", eta, on_step=False, on_epoch=True)
-            pl_module.log(f"layerwise/factor/{name}", factor, on_step=False, on_epoch=True)
+            _log(pl_module, "divergence", name, divergence)
+            _log(pl_module, "eta", name, eta)
+            _log(pl_module, "factor", name, factor)
         self.history.append(record)
         self._sum, self._count, self._epochs_in_interval = {}, {}, 0
 
@@ -215,12 +221,12 @@ class LayerwiseLRCallback(Callback):
                 if isinstance(group.get(key), (int, float)):
                     group[key] *= factor
             for config in trainer.lr_scheduler_configs:
-                scheduler = config.scheduler
-                if getattr(scheduler, "optimizer", None) is optimizer:
-                    for attribute in ("base_lrs", "_last_lr"):
-                        values = getattr(scheduler, attribute, None)
-                        if isinstance(values, list) and index < len(values):
-                            values[index] *= factor
+                for scheduler in _with_children(config.scheduler):
+                    if getattr(scheduler, "optimizer", None) is optimizer:
+                        for attribute in ("base_lrs", "_last_lr"):
+                            values = getattr(scheduler, attribute, None)
+                            if isinstance(values, list) and index < len(values):
+                                values[index] *= factor
         return factor
 
     # ------------------------------------------------------------------ helpers
@@ -257,6 +263,21 @@ class LayerwiseLRCallback(Callback):
         self._epochs_in_interval = int(state_dict["epochs_in_interval"])
         self._last_epoch_ended = int(state_dict["last_epoch_ended"])
         self.history = list(state_dict.get("history", []))
+
+
+def _log(pl_module: pl.LightningModule, quantity: str, layer: str, value: float) -> None:
+    # identical on every rank; sync_dist only keeps Lightning's distributed logging quiet
+    pl_module.log(
+        f"layerwise/{quantity}/{layer}", value, on_step=False, on_epoch=True, sync_dist=True
+    )
+
+
+def _with_children(scheduler: Any) -> list[Any]:
+    """A scheduler and, for SequentialLR/ChainedScheduler, the schedulers it wraps."""
+    found = [scheduler]
+    for child in getattr(scheduler, "_schedulers", None) or []:
+        found.extend(_with_children(child))
+    return found
 
 
 def _is_last_batch(trainer: pl.Trainer, batch_idx: int) -> bool:

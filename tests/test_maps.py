@@ -352,7 +352,6 @@ def test_two_layers_share_one_pass_with_probes_drawn_in_forward_order() -> None:
     assert_close32(got3.flatten(), est[w0.numel() :])
 
 
-
 @pytest.mark.parametrize("path", ["0", "3"])
 def test_float64_precision_of_derivative_maps(path: str) -> None:
     """A float64 model gets float64-exact maps (the other tests compare at float32 precision)."""
