@@ -209,7 +209,9 @@ def compute_maps(
             maps = [attention_map(f) for f in hooks.outputs(recording)]
         return logits, maps
 
-    weights: list[Tensor] = [m.weight for m in hooks.modules] if wrt == "weight" else []
+    weights: list[Tensor] = (
+        [m.weight for m in hooks.modules if isinstance(m.weight, Tensor)] if wrt == "weight" else []
+    )
     if wrt == "activation" and not x.requires_grad:
         x = x.detach().requires_grad_(True)  # so a frozen model's features are differentiable
     probe: ProbeKind | None = None

@@ -259,7 +259,7 @@ class DistillationModule(LightningModule):
         if trainer is None:
             return None
         loader: Any = None
-        datamodule = trainer.datamodule
+        datamodule: Any = getattr(trainer, "datamodule", None)
         if stage == "fit":
             if datamodule is not None:
                 loader = datamodule.train_dataloader()
@@ -395,6 +395,7 @@ class DistillationModule(LightningModule):
         self.log_dict(self.val_metrics, batch_size=batch_size, prog_bar=True)
         for name, d in divergences.items():
             metric = self.val_jsd[_key(name)]
+            assert isinstance(metric, MeanMetric)
             metric.update(d.detach())
             self.log(f"val/jsd/{name}", metric, batch_size=batch_size)
 

@@ -49,7 +49,7 @@ class EpochHistory(Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        row = {"epoch": trainer.current_epoch}
+        row: dict[str, float] = {"epoch": trainer.current_epoch}
         row.update(
             {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         )
@@ -74,8 +74,7 @@ def _models(cfg: DictConfig, datamodule: Any) -> tuple[nn.Module, nn.Module]:
 
 
 def _trainer(cfg: DictConfig, epochs: int, root: Path, callbacks: list[Callback], logger: Any):
-    options = OmegaConf.to_container(cfg.trainer, resolve=True)
-    assert isinstance(options, dict)
+    options: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     return pl.Trainer(
         max_epochs=epochs,
         default_root_dir=str(root),
@@ -239,7 +238,7 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
     teacher, student = _models(cfg, datamodule)
     example = next(iter(datamodule.train_dataloader()))[0]
     method = cfg.method.name
-    layers = cfg.layers if cfg.layers == "auto" else [list(p) for p in cfg.layers]
+    layers: Any = cfg.layers if cfg.layers == "auto" else [list(p) for p in cfg.layers]
     if method != "none":  # bad layer paths fail here, before any training
         layers = check_layers(teacher, student, layers, example, cfg.num_crucial_layers)
 
