@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -286,12 +286,21 @@ def _derivative_pass(
         return (logits if create_graph else logits.detach()), diagonals
 
 
-def _hooks_for(model: nn.Module, layers: Sequence[str], wrt: Wrt, x: Tensor) -> FeatureHooks:
+def _maps_of_layers(
+    model: nn.Module, x: Tensor, layers: Sequence[str], wrt: Wrt, **options: Any
+) -> list[Tensor]:
+    """Hook ``layers`` (or their conversion convs) for one :func:`compute_maps` call."""
     modules = [resolve_module(model, path, x) for path in layers]
     if wrt == "weight":
         convs = [conversion_conv(m, path) for m, path in zip(modules, layers, strict=True)]
-        return FeatureHooks([c for _, c in convs], [p for p, _ in convs])
-    return FeatureHooks(modules, list(layers))
+        hooks = FeatureHooks([c for _, c in convs], [p for p, _ in convs])
+    else:
+        hooks = FeatureHooks(modules, list(layers))
+    try:
+        _, maps = compute_maps(model, x, hooks, wrt=wrt, **options)
+    finally:
+        hooks.remove()
+    return maps
 
 
 def jacobian_map(
@@ -311,21 +320,16 @@ def jacobian_map(
     for the layer output ``F_j``, a ``(B, H, W)`` map per sample. ``target`` defaults to the
     model's arg-max. ``create_graph=True`` keeps the graph for training through the map.
     """
-    hooks = _hooks_for(model, layers, wrt, x)
-    try:
-        _, maps = compute_maps(
-            model,
-            x,
-            hooks,
-            method="jacobian",
-            wrt=wrt,
-            target=target,
-            task=task,
-            create_graph=create_graph,
-        )
-    finally:
-        hooks.remove()
-    return maps
+    return _maps_of_layers(
+        model,
+        x,
+        layers,
+        wrt,
+        method="jacobian",
+        target=target,
+        task=task,
+        create_graph=create_graph,
+    )
 
 
 def hessian_map(
@@ -348,20 +352,15 @@ def hessian_map(
     :func:`jacobian_map`; ``num_probes`` Rademacher probes are averaged, drawn from
     ``generator`` when given.
     """
-    hooks = _hooks_for(model, layers, wrt, x)
-    try:
-        _, maps = compute_maps(
-            model,
-            x,
-            hooks,
-            method="hessian",
-            wrt=wrt,
-            target=target,
-            task=task,
-            create_graph=create_graph,
-            num_probes=num_probes,
-            generator=generator,
-        )
-    finally:
-        hooks.remove()
-    return maps
+    return _maps_of_layers(
+        model,
+        x,
+        layers,
+        wrt,
+        method="hessian",
+        target=target,
+        task=task,
+        create_graph=create_graph,
+        num_probes=num_probes,
+        generator=generator,
+    )

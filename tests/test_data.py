@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from conftest import make_trainer_kwargs
 
 from lightning_layerkd import DistillationModule
 from lightning_layerkd.data import (
@@ -329,16 +330,12 @@ def test_coco_one_distillation_step_reports_map(tmp_path, one_thread):
         teacher, student, task="multilabel", num_classes=c, method="attention"
     )
     trainer = pl.Trainer(
-        max_steps=1,
-        limit_train_batches=1,  # end the epoch so validation runs
-        limit_val_batches=1,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
+        **make_trainer_kwargs(
+            tmp_path,
+            max_steps=1,
+            limit_train_batches=1,  # end the epoch so validation runs
+            limit_val_batches=1,
+        )
     )
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 1

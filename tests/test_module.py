@@ -8,6 +8,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import make_trainer_kwargs
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -35,18 +36,7 @@ def loader(n: int = 24, size: int = 16, classes: int = 5, batch_size: int = 8) -
 
 
 def trainer(tmp_path, **kwargs) -> pl.Trainer:
-    options = dict(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    options.update(kwargs)
-    return pl.Trainer(**options)
+    return pl.Trainer(**make_trainer_kwargs(tmp_path, **{"max_epochs": 1, **kwargs}))
 
 
 def count_hooks(model: nn.Module) -> int:
