@@ -3,6 +3,7 @@ through per-crucial-layer map losses (Kokane et al. 2024, eqs. 2, 4 and 6)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from functools import partial
@@ -250,6 +251,16 @@ class DistillationModule(LightningModule):
         if x is None and self.layer_pairs is None:
             x = self._example_from_data(stage)
         self.resolve_layers(x)
+
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:
+            # Lightning warns about modules in eval mode; the frozen teacher is so by design.
+            # Only a count equal to the teacher's own modules is silenced.
+            count = sum(1 for _ in self.teacher.modules())
+            warnings.filterwarnings(
+                "ignore",
+                message=rf"Found {count} module\(s\) in eval mode at the start of training",
+            )
 
     def teardown(self, stage: str) -> None:
         self.remove_hooks()
