@@ -160,6 +160,8 @@ class LayerwiseLRCallback(Callback):
             self._update(trainer, pl_module)
         for name, lr in self._current_lrs(trainer).items():
             _log(pl_module, "lr", name, lr)
+            if name in self._count or name in self.eta:  # crucial layers: eta every epoch too
+                _log(pl_module, "eta", name, self.eta.get(name, self.eta_init))
 
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         names = sorted(self._sum)
@@ -194,7 +196,6 @@ class LayerwiseLRCallback(Callback):
                 )
             record[name] = {"divergence": divergence, "eta": eta, "factor": factor}
             _log(pl_module, "divergence", name, divergence)
-            _log(pl_module, "eta", name, eta)
             _log(pl_module, "factor", name, factor)
         self.history.append(record)
         self._sum, self._count, self._epochs_in_interval = {}, {}, 0

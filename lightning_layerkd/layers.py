@@ -20,6 +20,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.utils.hooks import RemovableHandle
 
 __all__ = [
+    "CrucialLayerError",
     "FeatureHooks",
     "LayerFiredTwiceError",
     "LayerInfo",
@@ -337,15 +338,25 @@ def conversion_conv(module: nn.Module, path: str = "") -> tuple[str, nn.Conv2d]:
 ProbeKind = Literal["output", "weight"]
 
 
-class LayerFiredTwiceError(RuntimeError):
+class CrucialLayerError(RuntimeError):
+    """A hooked module did not run exactly once in a forward pass."""
+
+    def __init__(self, path: str, message: str, hooks: FeatureHooks | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.hooks = hooks
+
+
+class LayerFiredTwiceError(CrucialLayerError):
     """A hooked module ran more than once in one forward pass, so its output is ambiguous."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, hooks: FeatureHooks | None = None) -> None:
         super().__init__(
+            path,
             f"module '{path}' ran more than once in one forward pass (shared or reused module), "
-            "so its feature map is ambiguous; choose a module that runs exactly once."
+            "so its feature map is ambiguous; choose a module that runs exactly once.",
+            hooks,
         )
-        self.path = path
 
 
 def rademacher_like(
@@ -406,7 +417,7 @@ class FeatureHooks:
         if recording is None:
             return None
         if recording.outputs[index] is not None:
-            raise LayerFiredTwiceError(self.paths[index])
+            raise LayerFiredTwiceError(self.paths[index], self)
         if not isinstance(output, Tensor):
             raise TypeError(
                 f"module '{self.paths[index]}' returned {type(output).__name__}, "
@@ -449,9 +460,11 @@ class FeatureHooks:
             self.paths, recording.outputs, recording.versions, strict=True
         ):
             if output is None:
-                raise RuntimeError(
+                raise CrucialLayerError(
+                    path,
                     f"module '{path}' did not run in the forward pass; a crucial layer must be "
-                    "on the path from input to output"
+                    "on the path from input to output",
+                    self,
                 )
             if version >= 0 and output._version != version:
                 raise RuntimeError(

@@ -218,7 +218,12 @@ def compute_maps(
     if method == "hessian":
         probe = "weight" if wrt == "weight" else "output"
 
-    with torch.enable_grad(), _requires_grad(weights):
+    # Forward-mode AD does not mix with autocast (the probe tangents would meet low-precision
+    # weights), so Hessian passes run in full precision; design.md 3 asks for float32 maps anyway.
+    precision = (
+        torch.autocast(x.device.type, enabled=False) if method == "hessian" else nullcontext()
+    )
+    with torch.enable_grad(), _requires_grad(weights), precision:
         logits, diagonals = _derivative_pass(
             model, x, hooks, method, probe, weights, target, task, create_graph, generator
         )

@@ -23,8 +23,8 @@ from torchmetrics.classification import (
 
 from lightning_layerkd.divergence import js_divergence
 from lightning_layerkd.layers import (
+    CrucialLayerError,
     FeatureHooks,
-    LayerFiredTwiceError,
     conversion_conv,
     find_crucial_layers,
     format_candidates,
@@ -41,7 +41,7 @@ from lightning_layerkd.maps import (
     to_distribution,
 )
 
-__all__ = ["BASE_GROUP", "DistillationModule", "LayerSpec"]
+__all__ = ["BASE_GROUP", "DistillationModule", "LayerSpec", "check_options"]
 
 #: Name of the optimizer param group that holds every non-crucial student parameter.
 BASE_GROUP = "base"
@@ -116,19 +116,19 @@ class DistillationModule(LightningModule):
         scheduler_interval: Literal["epoch", "step"] = "epoch",
     ) -> None:
         super().__init__()
-        _check_choice("method", method, (*METHODS, "none"))
-        _check_choice("task", task, TASKS)
-        _check_choice("wrt", wrt, WRTS)
-        _check_choice("map_target", map_target, ("label", "teacher"))
+        check_options(
+            method=method,
+            task=task,
+            wrt=wrt,
+            map_target=map_target,
+            num_probes=num_probes,
+            map_weight=map_weight,
+        )
         _check_choice("scheduler_interval", scheduler_interval, ("epoch", "step"))
         if teacher is None and method != "none":
             raise ValueError(f"method={method!r} needs a teacher; pass one or use method='none'")
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
-        if num_probes < 1:
-            raise ValueError(f"num_probes must be at least 1, got {num_probes}")
-        if map_weight < 0:
-            raise ValueError(f"map_weight must be non-negative, got {map_weight}")
         self.save_hyperparameters(
             ignore=["teacher", "student", "example_input", "optimizer", "scheduler"]
         )
@@ -247,6 +247,8 @@ class DistillationModule(LightningModule):
         """Discover the crucial layers before the optimizer is built (design.md section 2)."""
         if self.method == "none" or self._student_hooks is not None:
             return
+        if stage not in ("fit", "validate"):
+            return  # test/predict need only the student; layers resolve lazily if used
         x = self.example_input
         if x is None and self.layer_pairs is None:
             x = self._example_from_data(stage)
@@ -303,6 +305,11 @@ class DistillationModule(LightningModule):
         """The student's logits."""
         return self.student(x)
 
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """The student's logits for ``(inputs, ...)`` batches or bare input tensors."""
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self.student(x)
+
     def train(self, mode: bool = True) -> DistillationModule:
         """Set train mode for the student; the teacher stays in eval mode (design.md 1)."""
         super().train(mode)
@@ -350,10 +357,12 @@ class DistillationModule(LightningModule):
                 create_graph=create_graph,
                 **options,
             )
-        except LayerFiredTwiceError as err:
-            model = self.student if err.path in self._student_hooks.paths else self.teacher
+        except CrucialLayerError as err:
+            role = "student" if err.hooks is self._student_hooks else "teacher"
+            model = self.student if role == "student" else self.teacher
+            assert model is not None
             raise ValueError(
-                f"{err}\nCandidates with output shapes:\n"
+                f"{role}: {err}\n{role} candidates with output shapes:\n"
                 f"{format_candidates(trace_feature_maps(model, x[:2]))}"
             ) from err
         pairs = zip(self.layer_names, student_maps, teacher_maps, strict=True)
@@ -384,8 +393,14 @@ class DistillationModule(LightningModule):
             self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
             self.log("train/task_loss", task_loss, batch_size=batch_size)
             self.log("train/map_loss", map_loss, batch_size=batch_size)
-            for name, d in divergences.items():
-                self.log(f"train/jsd/{name}", d.mean(), batch_size=batch_size)
+            for name, d in divergences.items():  # epoch means: one point per epoch and layer
+                self.log(
+                    f"train/jsd/{name}",
+                    d.mean(),
+                    on_step=False,
+                    on_epoch=True,
+                    batch_size=batch_size,
+                )
         return {
             "loss": loss,
             "layer_divergence": {name: d.detach() for name, d in divergences.items()},
@@ -451,6 +466,27 @@ class DistillationModule(LightningModule):
                 f"the checkpoint was trained with crucial layers {saved}, but this module "
                 f"uses {self.layer_pairs}; pass layers={saved} to resume it"
             )
+
+
+def check_options(
+    *,
+    method: str = "attention",
+    task: str = "multiclass",
+    wrt: str = "weight",
+    map_target: str = "label",
+    num_probes: int = 1,
+    map_weight: float = 1.0,
+) -> None:
+    """Validate the method options of :class:`DistillationModule` (also used by the app to fail
+    before any training); each error names the valid choices."""
+    _check_choice("method", method, (*METHODS, "none"))
+    _check_choice("task", task, TASKS)
+    _check_choice("wrt", wrt, WRTS)
+    _check_choice("map_target", map_target, ("label", "teacher"))
+    if num_probes < 1:
+        raise ValueError(f"num_probes must be at least 1, got {num_probes}")
+    if map_weight < 0:
+        raise ValueError(f"map_weight must be non-negative, got {map_weight}")
 
 
 def _key(name: str) -> str:

@@ -24,12 +24,13 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lightning_layerkd.callbacks import LayerwiseLRCallback
 from lightning_layerkd.layers import find_crucial_layers, resolve_module
-from lightning_layerkd.module import DistillationModule
+from lightning_layerkd.module import DistillationModule, check_options
 
 __all__ = ["main", "run"]
 
@@ -114,10 +115,30 @@ def check_config(cfg: DictConfig) -> None:
             f"every_n_epochs={cfg.every_n_epochs} is larger than epochs={cfg.epochs}: the "
             "layer-wise learning rates would never be updated; lower every_n_epochs"
         )
+    if layerwise is not None and cfg.method.name == "none":
+        raise ConfigError(
+            "schedule=layerwise needs crucial layers, but method=none trains the student alone; "
+            "use schedule=none or schedule=multistep with method=none"
+        )
     if cfg.schedule.get("scheduler") is not None:
         bad = [m for m in cfg.milestones if not 0 < int(m) <= int(cfg.epochs)]
         if bad:
             raise ConfigError(f"milestones {bad} lie outside epochs 1..{cfg.epochs}")
+    try:  # the method's options, the scheduler and the callback, as they will be built
+        check_options(
+            method=cfg.method.name,
+            wrt=cfg.method.wrt,
+            map_target=cfg.method.map_target,
+            num_probes=cfg.method.num_probes,
+            map_weight=cfg.map_weight,
+        )
+        if cfg.schedule.get("scheduler") is not None:
+            dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=float(cfg.lr))
+            instantiate(cfg.schedule.scheduler)(dummy)
+        if layerwise is not None:
+            instantiate(layerwise)
+    except Exception as err:  # noqa: BLE001 - re-raised with the config context
+        raise ConfigError(f"invalid method or schedule settings: {err}") from err
 
 
 @contextlib.contextmanager
@@ -136,6 +157,22 @@ def _atomic_write(path: Path, write: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     write(tmp)
     os.replace(tmp, path)  # readers see the old file or the whole new one, never half
+
+
+DATASET_LABELS = {
+    "DigitsDataModule": "Digits",
+    "Cifar10DataModule": "CIFAR-10",
+    "Cifar100DataModule": "CIFAR-100",
+    "CocoDataModule": "COCO",
+}
+
+
+def dataset_label(cfg: DictConfig, datamodule: Any) -> str:
+    """The dataset's column name in the report: "CIFAR-10", or the folder of an arrays set."""
+    name = type(datamodule).__name__
+    if name == "ArraysDataModule":
+        return Path(str(cfg.dataset.data_dir)).name
+    return DATASET_LABELS.get(name, name)
 
 
 def check_layers(
@@ -189,7 +226,10 @@ def train_teacher(cfg: DictConfig, datamodule: Any, teacher: nn.Module, root: Pa
     cache_dir = Path(cfg.teacher_cache_dir)
     key = teacher_cache_key(cfg)
     weights, meta_path = cache_dir / f"{key}.pt", cache_dir / f"{key}.json"
-    with _locked(cache_dir / f"{key}.lock"):
+    # Under strategy=ddp Lightning re-runs this script for the other ranks while rank 0 trains
+    # inside the lock; they join that fit, so only rank 0 locks and writes the cache.
+    rank: int = getattr(rank_zero_only, "rank", 0)
+    with _locked(cache_dir / f"{key}.lock") if rank == 0 else contextlib.nullcontext():
         if weights.exists() and meta_path.exists():
             load_teacher(teacher, weights)
             meta = json.loads(meta_path.read_text())
@@ -219,8 +259,9 @@ def train_teacher(cfg: DictConfig, datamodule: Any, teacher: nn.Module, root: Pa
             "history": history.epochs,
             "epochs": cfg.teacher_epochs,
         }
-        _atomic_write(weights, lambda p: torch.save(teacher.state_dict(), p))
-        _atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2)))
+        if rank == 0:
+            _atomic_write(weights, lambda p: torch.save(teacher.state_dict(), p))
+            _atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2)))
         meta["cached"] = False
         return meta
 
@@ -280,7 +321,13 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
         callbacks.append(LayerPanels())
     logger = _logger(cfg, root, "student")
     trainer = _trainer(cfg, cfg.epochs, root, callbacks, logger)
-    trainer.fit(module, datamodule=datamodule)
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        if cfg.logger.name == "wandb":  # one wandb run per job, also when a job fails
+            from lightning_layerkd.wandb_utils import finish
+
+            finish()
 
     accs = [row.get("val/acc", float("nan")) for row in history.epochs]
     best = max(range(len(accs)), key=lambda i: accs[i]) if accs else None
@@ -289,7 +336,7 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
         "config": OmegaConf.to_container(cfg, resolve=True),
         "method": method,
         "schedule": schedule.name,
-        "dataset": type(datamodule).__name__,
+        "dataset": dataset_label(cfg, datamodule),
         "layer_pairs": module.layer_pairs,
         "teacher": teacher_meta,
         "student": {
@@ -303,13 +350,11 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
         "eta": dict(layerwise.eta) if layerwise is not None else {},
         "wall_time_s": time.time() - start,
     }
-    _atomic_write(
-        root / "results.json", lambda p: p.write_text(json.dumps(results, indent=2, default=str))
-    )
-    if logger and hasattr(logger, "experiment") and cfg.logger.name == "wandb":
-        from lightning_layerkd.wandb_utils import finish
-
-        finish()
+    if trainer.is_global_zero:
+        _atomic_write(
+            root / "results.json",
+            lambda p: p.write_text(json.dumps(results, indent=2, default=str)),
+        )
     return results
 
 
@@ -341,7 +386,8 @@ def _pct(value: float | None) -> str:
 def main(cfg: DictConfig) -> float | None:
     """``layerkd-train``: one job per config; ``-m`` runs a sweep."""
     results = run(cfg)
-    print(format_result(results))
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        print(format_result(results))
     return results["student"]["val_acc"]
 
 

@@ -218,6 +218,24 @@ def test_every_n_epochs_beyond_epochs_fails_before_training(tmp_path, cache):
     assert list(cache.rglob("*.pt")) == []
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("method.wrt=foo", r"wrt must be one of \['weight', 'activation'\]"),
+        ("method.num_probes=0", "num_probes must be at least 1"),
+        ("schedule.layerwise.gamma=2", r"gamma must lie in \(0, 1\)"),
+        ("schedule.layerwise.reduction=max", "reduction must be 'sum' or 'mean'"),
+        ("method=none", "schedule=layerwise needs crucial layers"),
+    ],
+)
+def test_method_and_schedule_mistakes_fail_before_the_teacher_trains(
+    override, message, tmp_path, cache
+):
+    with pytest.raises(ConfigError, match=message):
+        run(config(*TINY, "schedule=layerwise", override), tmp_path)
+    assert list(cache.rglob("*.pt")) == []
+
+
 def test_unknown_layers_fail_before_training_with_candidates(tmp_path, cache):
     with pytest.raises(ValueError) as err:
         run(config(*TINY, "layers=[[layer1,layer1],[layer9,layer2]]"), tmp_path)
@@ -264,7 +282,7 @@ def test_multirun_and_report_console_scripts(tmp_path, cache):
         capture_output=True,
         text=True,
     )
-    assert "| Method | Learning Rate update | DigitsDataModule |" in report.stdout
+    assert "| Method | Learning Rate update | Digits |" in report.stdout
     assert "| Attention | Layerwise Update |" in report.stdout
     assert "| Jacobian | Layerwise Update |" in report.stdout
     assert (sweep / "table1.csv").exists()
@@ -310,3 +328,28 @@ def test_wandb_logger_runs_offline_with_panels_and_map_images(tmp_path, shared_c
     panels = media / "table" / "panels"
     charts = {str(p.relative_to(panels)).rsplit("_table", 1)[0] for p in panels.rglob("*.json")}
     assert {"layerwise/lr", "layerwise/eta", "layerwise/divergence", "train/jsd"} <= charts
+
+
+@pytest.mark.slow
+def test_ddp_run_trains_the_teacher_once_and_both_ranks_agree(tmp_path, cache):
+    """strategy=ddp re-runs the script for rank 1 while rank 0 holds the teacher-cache lock."""
+    out = tmp_path / "run"
+    subprocess.run(
+        [
+            str(Path(sys.executable).parent / "layerkd-train"),
+            *TINY,
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.strategy=ddp",
+            f"hydra.run.dir={out}",
+        ],
+        check=True,
+        env={**os.environ, "LAYERKD_CACHE": str(cache)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert results["student"]["val_acc"] is not None
+    assert len(list(cache.rglob("*.pt"))) == 1

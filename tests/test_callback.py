@@ -455,7 +455,8 @@ def test_rates_match_hand_computation(
     assert callback.state_dict()["epochs_in_interval"] == 1  # epoch 2 is pending
     assert callback.state_dict()["count"] == {n: N_TRAIN for n in LAYERS}
 
-    # logging (float32): lr every epoch; eta, A and factor at the update epoch only
+    # logging (float32): lr and eta every epoch (eta_init before the first update); A and the
+    # factor at the update epoch only
     for name in LAYERS:
         lr_logged = float(trainer.callback_metrics[f"layerwise/lr/{name}"])
         assert lr_logged == pytest.approx(want["final_lrs"][name], rel=1e-6)
@@ -463,10 +464,15 @@ def test_rates_match_hand_computation(
         for key in ("eta", "divergence", "factor"):
             logged = recorder.metrics[1][f"layerwise/{key}/{name}"]
             assert logged == pytest.approx(record[key], rel=1e-6), (name, key)
+        assert recorder.metrics[0][f"layerwise/eta/{name}"] == 0.0
+        assert recorder.metrics[2][f"layerwise/eta/{name}"] == pytest.approx(
+            record["eta"], rel=1e-6
+        )
+        for key in ("divergence", "factor"):
             assert f"layerwise/{key}/{name}" not in recorder.metrics[0]
     with open(Path(logger.log_dir) / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    update_rows = [r for r in rows if r.get("layerwise/eta/0")]
+    update_rows = [r for r in rows if r.get("layerwise/divergence/0")]
     assert [int(r["epoch"]) for r in update_rows] == [1]
     for name in LAYERS:
         record = want["history"][0][name]

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_layerkd import DistillationModule
 from lightning_layerkd.divergence import js_divergence
-from lightning_layerkd.maps import attention_map, to_distribution
+from lightning_layerkd.maps import attention_map, jacobian_map, to_distribution
 from lightning_layerkd.models import resnet
 
 PAIRS = [("layer1", "layer1"), ("layer2", "layer2"), ("layer3", "layer3"), ("layer4", "layer4")]
@@ -303,3 +303,42 @@ def test_label_free_target_and_student_alone():
     torch.testing.assert_close(result["loss"], nn.functional.cross_entropy(student(x), y))
     assert result["layer_divergence"] == {}
     assert [g["name"] for g in alone.param_groups()] == ["base"]
+
+
+def test_jacobian_weight_divergence_equals_functional_maps_by_hand():
+    teacher, student = pair()
+    module = DistillationModule(
+        teacher, student, num_classes=5, layers=PAIRS[1:3], method="jacobian", wrt="weight"
+    )
+    x, y = batch()
+    _, divergences = module.layer_divergences(x, y, create_graph=False)
+    module.remove_hooks()
+    t_maps = jacobian_map(teacher, x, ["layer2", "layer3"], y)
+    s_maps = jacobian_map(student, x, ["layer2", "layer3"], y)
+    for name, s_map, t_map in zip(["layer2", "layer3"], s_maps, t_maps, strict=True):
+        # the conversion convs differ in width: per-output-channel sums, pooled to the student's
+        s_sum, t_sum = s_map.flatten(1).sum(1), t_map.flatten(1).sum(1)
+        t_pooled = t_sum.view(-1, 2).mean(1)  # teacher is twice as wide
+        expected = js_divergence(to_distribution(s_sum[None]), to_distribution(t_pooled[None]))
+        torch.testing.assert_close(divergences[name], expected.expand(6), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("wrt", ["weight", "activation"])
+def test_hessian_maps_run_under_bf16_autocast(wrt):
+    teacher, student = pair()
+    module = DistillationModule(
+        teacher, student, num_classes=5, layers=PAIRS[:2], method="hessian", wrt=wrt
+    )
+    x, y = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module.training_step((x, y), 0)
+    out["loss"].backward()
+    assert all(torch.isfinite(d).all() for d in out["layer_divergence"].values())
+    assert student.conv1.weight.grad is not None
+
+
+def test_predict_needs_no_layers(tmp_path):
+    teacher, student = pair()
+    module = DistillationModule(teacher, student, num_classes=5)
+    [logits] = trainer(tmp_path).predict(module, DataLoader(TensorDataset(batch()[0]), 6))
+    assert logits.shape == (6, 5) and module.layer_pairs is None
