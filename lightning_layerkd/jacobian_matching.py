@@ -112,13 +112,16 @@ def input_jacobian(
     return (logits if create_graph else logits.detach()), j
 
 
-def jacobian_matching_loss(j_student: Tensor, j_teacher: Tensor, eps: float = 1e-12) -> Tensor:
+def jacobian_matching_loss(
+    j_student: Tensor, j_teacher: Tensor, eps: float = 1e-12, reduction: str = "mean"
+) -> Tensor:
     """Eq. 10: ``mean_i || J^s_i / ||J^s_i||_2 - J^t_i / ||J^t_i||_2 ||_2^2``.
 
     Each sample's Jacobian is flattened and divided by its own L2 norm (clamped below by
     ``eps``, so an all-zero Jacobian stays zero), the squared Euclidean distance is taken per
-    sample and averaged over the batch. No further constant: eq. 10 has none (the ``sigma^2``
-    of Prop. 1 belongs to the unnormalised form and is left to the loss weight). The value is
+    sample and averaged over the batch (``reduction="none"``: per sample). No further
+    constant: eq. 10 has none (the ``sigma^2`` of Prop. 1 belongs to the unnormalised form and
+    is left to the loss weight). The value is
     ``2 - 2 cos(J^s_i, J^t_i)`` per sample, so it lies in ``[0, 4]``, is invariant to the scale
     of either Jacobian and is zero when they agree up to a positive factor. The teacher term is
     a constant (detached). Computed in at least float32.
@@ -130,7 +133,12 @@ def jacobian_matching_loss(j_student: Tensor, j_teacher: Tensor, eps: float = 1e
         )
     s = F.normalize(_at_least_float32(j_student).flatten(1), dim=1, eps=eps)
     t = F.normalize(_at_least_float32(j_teacher.detach()).flatten(1), dim=1, eps=eps)
-    return (s - t).square().sum(dim=1).mean()
+    per_sample = (s - t).square().sum(dim=1)
+    if reduction == "none":
+        return per_sample
+    if reduction != "mean":
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    return per_sample.mean()
 
 
 def activation_matching_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:

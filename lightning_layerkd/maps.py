@@ -163,11 +163,12 @@ def _running_stats_kept(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        with torch.no_grad():
-            for m, mean, var, count in saved:
-                m.running_mean.copy_(mean)  # type: ignore[union-attr]
-                m.running_var.copy_(var)  # type: ignore[union-attr]
-                m.num_batches_tracked.copy_(count)  # type: ignore[union-attr]
+        # Through ``.data``: batch norm saves its running stats for backward, and a restore that
+        # bumped their version counters would void the graph of the step's main pass.
+        for m, mean, var, count in saved:
+            m.running_mean.data.copy_(mean)  # type: ignore[union-attr]
+            m.running_var.data.copy_(var)  # type: ignore[union-attr]
+            m.num_batches_tracked.data.copy_(count)  # type: ignore[union-attr]
 
 
 def compute_maps(

@@ -22,6 +22,14 @@ from torchmetrics.classification import (
 )
 
 from lightning_layerkd.divergence import js_divergence
+from lightning_layerkd.information_flow import critical_period_weights, pkt_loss
+from lightning_layerkd.jacobian_matching import (
+    activation_matching_loss,
+    attention_pixel_jacobian,
+    input_jacobian,
+    jacobian_matching_loss,
+    jacobian_norm_penalty,
+)
 from lightning_layerkd.layers import (
     CrucialLayerError,
     FeatureHooks,
@@ -35,13 +43,36 @@ from lightning_layerkd.maps import (
     METHODS,
     TASKS,
     WRTS,
+    _running_stats_kept,
     compute_maps,
     default_target,
     match_maps,
     to_distribution,
 )
 
-__all__ = ["BASE_GROUP", "DistillationModule", "LayerSpec", "check_options"]
+__all__ = ["ALL_METHODS", "BASE_GROUP", "DistillationModule", "LayerSpec", "check_options"]
+
+#: The map methods of Kokane et al. plus the two seed methods and the student alone.
+ALL_METHODS: tuple[str, ...] = (*METHODS, "jacobian_matching", "information_flow", "none")
+#: ``method_options`` per seed method, with their defaults (design.md section 6).
+METHOD_OPTIONS: dict[str, dict[str, Any]] = {
+    # Srinivas & Fleuret (2018): eq. 10 on the output's input-Jacobian (weight), Prop. 1's
+    # squared error on the logits, Prop. 2's Jacobian-norm penalty, with or without CE.
+    "jacobian_matching": {
+        "output_weight": 1.0,
+        "activation_weight": 0.0,
+        "norm_penalty_weight": 0.0,
+        "task_loss": True,
+    },
+    # Passalis et al. (2020): PKT (eq. 7) per layer pair and at the output, eq. 9's weights,
+    # eq. 10's critical period ({"alpha_init": 100, "gamma": 0.7}) or constant weights (None).
+    "information_flow": {
+        "kernel": "hybrid",
+        "reduction": "mean",
+        "critical_period": None,
+        "task_loss": True,
+    },
+}
 
 #: Name of the optimizer param group that holds every non-crucial student parameter.
 BASE_GROUP = "base"
@@ -72,8 +103,9 @@ class DistillationModule(LightningModule):
         teacher: a trained network (any ``nn.Module`` returning logits); ``None`` only with
             ``method="none"`` (the student alone).
         student: the network to train.
-        method: ``"attention"`` (eq. 2), ``"jacobian"`` (eq. 4), ``"hessian"`` (eq. 6), or
-            ``"none"`` for cross-entropy alone.
+        method: ``"attention"`` (eq. 2), ``"jacobian"`` (eq. 4), ``"hessian"`` (eq. 6),
+            ``"jacobian_matching"`` (Srinivas & Fleuret 2018), ``"information_flow"``
+            (Passalis et al. 2020), or ``"none"`` for cross-entropy alone.
         layers: ``"auto"`` (design.md section 2, run on ``example_input`` or on the first
             training batch before the optimizer is built), a list of paths present in both
             networks, a list of ``(student_path, teacher_path)`` pairs, or a dict
@@ -88,6 +120,8 @@ class DistillationModule(LightningModule):
             ``"teacher"`` (the teacher's arg-max class; label-free).
         num_probes: Hutchinson probes per step for Hessian maps.
         num_crucial_layers: how many pairs ``layers="auto"`` keeps (the deepest).
+        method_options: options of the seed methods, see ``METHOD_OPTIONS`` (unknown keys are
+            an error).
         example_input: an input batch for ``layers="auto"``.
         optimizer: a callable that takes the param groups and returns an optimizer, e.g.
             ``functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)`` (the default also sets
@@ -110,6 +144,7 @@ class DistillationModule(LightningModule):
         map_target: Literal["label", "teacher"] = "label",
         num_probes: int = 1,
         num_crucial_layers: int = 4,
+        method_options: Mapping[str, Any] | None = None,
         example_input: Tensor | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
@@ -145,6 +180,7 @@ class DistillationModule(LightningModule):
         self.map_target = map_target
         self.num_probes = num_probes
         self.num_crucial_layers = num_crucial_layers
+        self.method_options = _method_options(method, method_options)
         self.example_input = example_input
         self.optimizer_factory = optimizer or _DEFAULT_OPTIMIZER
         self.scheduler_factory = scheduler
@@ -155,7 +191,8 @@ class DistillationModule(LightningModule):
         if method == "none":
             self.layer_pairs = []
         elif not (isinstance(layers, str) and layers == "auto"):
-            self.layer_pairs = _normalise_layers(layers)
+            # information flow may distil the output alone (the auxiliary stage)
+            self.layer_pairs = _normalise_layers(layers, allow_empty=method == "information_flow")
         self._student_hooks: FeatureHooks | None = None
         self._teacher_hooks: FeatureHooks | None = None
 
@@ -174,6 +211,14 @@ class DistillationModule(LightningModule):
         self.val_jsd = nn.ModuleDict()
 
     # ------------------------------------------------------------------ layers and hooks
+    @property
+    def divergence_name(self) -> str:
+        """How the per-layer term is logged: ``jsd`` (eqs. 8-10), ``jacobian_matching``
+        (Srinivas & Fleuret's eq. 10) or ``pkt`` (Passalis et al.'s eq. 7)."""
+        return {"jacobian_matching": "jacobian_matching", "information_flow": "pkt"}.get(
+            self.method, "jsd"
+        )
+
     @property
     def layer_names(self) -> list[str]:
         """Student crucial-module paths, which are also the param-group names."""
@@ -231,7 +276,7 @@ class DistillationModule(LightningModule):
         assert model is not None and self.layer_pairs is not None
         paths = [pair[side] for pair in self.layer_pairs]
         modules = [resolve_module(model, path, x, role=role) for path in paths]
-        if self.method != "attention" and self.wrt == "weight":
+        if self.method in ("jacobian", "hessian") and self.wrt == "weight":
             convs = [conversion_conv(m, p) for m, p in zip(modules, paths, strict=True)]
             return FeatureHooks([c for _, c in convs], [p for p, _ in convs])
         return FeatureHooks(modules, paths)
@@ -382,20 +427,36 @@ class DistillationModule(LightningModule):
         return logits, divergences
 
     # ------------------------------------------------------------------ Lightning hooks
+    def loss_terms(
+        self, x: Tensor, y: Tensor, *, create_graph: bool
+    ) -> tuple[Tensor, dict[str, Tensor], Tensor, dict[str, Tensor]]:
+        """Student logits, per-layer per-sample divergences, their weighted sum (the map
+        loss, before ``map_weight``) and the method's other weighted loss terms."""
+        if self.method == "jacobian_matching":
+            return self._jacobian_matching_terms(x, y, create_graph)
+        if self.method == "information_flow":
+            return self._information_flow_terms(x, y)
+        logits, divergences = self.layer_divergences(x, y, create_graph=create_graph)
+        map_loss = sum((d.mean() for d in divergences.values()), x.new_zeros(()))
+        return logits, divergences, map_loss, {}
+
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         x, y = self.unpack_batch(batch)
-        logits, divergences = self.layer_divergences(x, y, create_graph=True)
+        logits, divergences, map_loss, extra = self.loss_terms(x, y, create_graph=True)
         task_loss = self.task_loss(logits, y)
-        map_loss = sum((d.mean() for d in divergences.values()), torch.zeros((), device=x.device))
-        loss = task_loss + self.map_weight * map_loss  # eqs. 2, 4, 6
+        task_weight = 1.0 if self.method_options.get("task_loss", True) else 0.0
+        loss = task_weight * task_loss + self.map_weight * map_loss  # eqs. 2, 4, 6
+        loss = loss + sum(extra.values(), x.new_zeros(()))
         if self._trainer is not None:
             batch_size = x.shape[0]
             self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
             self.log("train/task_loss", task_loss, batch_size=batch_size)
             self.log("train/map_loss", map_loss, batch_size=batch_size)
+            for key, value in extra.items():
+                self.log(f"train/{key}", value, batch_size=batch_size)
             for name, d in divergences.items():  # epoch means: one point per epoch and layer
                 self.log(
-                    f"train/jsd/{name}",
+                    f"train/{self.divergence_name}/{name}",
                     d.mean(),
                     on_step=False,
                     on_epoch=True,
@@ -406,14 +467,87 @@ class DistillationModule(LightningModule):
             "layer_divergence": {name: d.detach() for name, d in divergences.items()},
         }
 
+    # ------------------------------------------------------------------ seed methods
+    def _jacobian_matching_terms(
+        self, x: Tensor, y: Tensor, create_graph: bool
+    ) -> tuple[Tensor, dict[str, Tensor], Tensor, dict[str, Tensor]]:
+        """Srinivas & Fleuret (2018): eq. 10 between L2-normalised input Jacobians of the
+        output (true class, or the teacher's arg-max) and, per crucial layer pair, of the
+        teacher's largest average-pooled attention pixel (their section 6.3.2)."""
+        self.resolve_layers(x)
+        assert self.teacher is not None
+        options = self.method_options
+        label_free = self.map_target == "teacher"
+        t_logits, j_teacher = input_jacobian(self.teacher, x, None if label_free else y)
+        target = t_logits.argmax(1) if label_free else y
+        logits, j_student = input_jacobian(self.student, x, target, create_graph=create_graph)
+        divergences: dict[str, Tensor] = {}
+        with _running_stats_kept(self.student):  # extra student passes: no BN double count
+            for s_path, t_path in self.layer_pairs or []:
+                teacher_pixel = attention_pixel_jacobian(self.teacher, x, t_path)
+                student_pixel = attention_pixel_jacobian(
+                    self.student, x, s_path, teacher_pixel, create_graph=create_graph
+                )
+                divergences[s_path] = jacobian_matching_loss(  # eq. 10 per sample
+                    student_pixel.jacobian, teacher_pixel.jacobian, reduction="none"
+                )
+        map_loss = options["output_weight"] * jacobian_matching_loss(j_student, j_teacher)
+        map_loss = map_loss + sum((d.mean() for d in divergences.values()), x.new_zeros(()))
+        extra: dict[str, Tensor] = {}
+        if options["activation_weight"]:
+            extra["activation_matching"] = options["activation_weight"] * activation_matching_loss(
+                logits, t_logits
+            )  # Prop. 1
+        if options["norm_penalty_weight"] and create_graph:
+            with _running_stats_kept(self.student):
+                _, penalty = jacobian_norm_penalty(self.student, x)  # Prop. 2
+            extra["jacobian_norm"] = options["norm_penalty_weight"] * penalty
+        return logits, divergences, map_loss, extra
+
+    def _information_flow_terms(
+        self, x: Tensor, y: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor], Tensor, dict[str, Tensor]]:
+        """Passalis et al. (2020): PKT (eq. 7) on each crucial layer pair and on the outputs,
+        combined by eq. 9 with the critical-period weights of eq. 10 when configured."""
+        self.resolve_layers(x)
+        assert self.teacher is not None
+        options = self.method_options
+        with torch.no_grad():
+            if self._teacher_hooks is not None:
+                with self._teacher_hooks.record() as recording:
+                    t_logits = self.teacher(x)
+                    t_feats = self._teacher_hooks.outputs(recording)
+            else:
+                t_logits, t_feats = self.teacher(x), []
+        if self._student_hooks is not None:
+            with self._student_hooks.record() as recording:
+                logits = self.student(x)
+                s_feats = self._student_hooks.outputs(recording)
+        else:
+            logits, s_feats = self.student(x), []
+        pkt = partial(pkt_loss, kernel=options["kernel"], reduction=options["reduction"])
+        names = self.layer_names
+        losses = [pkt(s, t) for s, t in zip(s_feats, t_feats, strict=True)]
+        weights = [1.0] * (len(names) + 1)
+        critical = options["critical_period"]
+        if critical is not None:  # eq. 10
+            weights = critical_period_weights(len(names) + 1, self.current_epoch, **critical)
+        map_loss = weights[-1] * pkt(logits, t_logits)  # the last layer: the outputs
+        for weight, loss in zip(weights, losses, strict=False):
+            map_loss = map_loss + weight * loss  # eq. 9
+        divergences = {
+            name: loss.expand(x.shape[0]) for name, loss in zip(names, losses, strict=True)
+        }
+        return logits, divergences, map_loss, {}
+
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = self.unpack_batch(batch)
-        derivative = self.method in ("jacobian", "hessian")
+        derivative = self.method in ("jacobian", "hessian", "jacobian_matching")
         # Derivative maps need autograd, which Lightning's inference mode forbids.
         with torch.inference_mode(False) if derivative else nullcontext():
             if derivative:
                 x, y = x.clone(), y.clone()
-            logits, divergences = self.layer_divergences(x, y, create_graph=False)
+            logits, divergences, _, _ = self.loss_terms(x, y, create_graph=False)
         logits, y = logits.detach(), y.detach()
         batch_size = x.shape[0]
         self.log("val/loss", self.task_loss(logits, y), prog_bar=True, batch_size=batch_size)
@@ -423,7 +557,7 @@ class DistillationModule(LightningModule):
             metric = self.val_jsd[_key(name)]
             assert isinstance(metric, MeanMetric)
             metric.update(d.detach())
-            self.log(f"val/jsd/{name}", metric, batch_size=batch_size)
+            self.log(f"val/{self.divergence_name}/{name}", metric, batch_size=batch_size)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.param_groups())
@@ -479,7 +613,7 @@ def check_options(
 ) -> None:
     """Validate the method options of :class:`DistillationModule` (also used by the app to fail
     before any training); each error names the valid choices."""
-    _check_choice("method", method, (*METHODS, "none"))
+    _check_choice("method", method, ALL_METHODS)
     _check_choice("task", task, TASKS)
     _check_choice("wrt", wrt, WRTS)
     _check_choice("map_target", map_target, ("label", "teacher"))
@@ -499,7 +633,24 @@ def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-def _normalise_layers(layers: LayerSpec) -> list[tuple[str, str]]:
+def _method_options(method: str, given: Mapping[str, Any] | None) -> dict[str, Any]:
+    defaults = METHOD_OPTIONS.get(method, {})
+    unknown = sorted(set(given or {}) - set(defaults))
+    if unknown:
+        raise ValueError(
+            f"method_options {unknown} are not options of method={method!r}; valid: "
+            f"{sorted(defaults) or 'none'}"
+        )
+    options = {**defaults, **(given or {})}
+    critical = options.get("critical_period")
+    if critical is not None and set(critical) - {"alpha_init", "gamma"}:
+        raise ValueError(
+            f"critical_period takes alpha_init and gamma (eq. 10), got {sorted(critical)}"
+        )
+    return options
+
+
+def _normalise_layers(layers: LayerSpec, allow_empty: bool = False) -> list[tuple[str, str]]:
     if isinstance(layers, str):
         raise ValueError(
             f"layers must be 'auto', a list of paths, a list of (student, teacher) pairs or a "
@@ -519,6 +670,6 @@ def _normalise_layers(layers: LayerSpec) -> list[tuple[str, str]]:
                     f"each layer must be a path or a (student_path, teacher_path) pair, "
                     f"got {item!r}"
                 )
-    if not pairs:
+    if not pairs and not allow_empty:
         raise ValueError("layers is empty; give at least one crucial layer or use 'auto'")
     return pairs

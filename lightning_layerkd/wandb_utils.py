@@ -77,7 +77,14 @@ class LayerPanels(Callback):
     """One wandb panel per quantity with a line per crucial layer: ``lr``, ``eta``, the
     accumulated divergence and the training JSD, re-plotted at the end of every epoch."""
 
-    KEYS = ("layerwise/lr/", "layerwise/eta/", "layerwise/divergence/", "train/jsd/")
+    KEYS = (
+        "layerwise/lr/",
+        "layerwise/eta/",
+        "layerwise/divergence/",
+        "train/jsd/",
+        "train/jacobian_matching/",
+        "train/pkt/",
+    )
 
     def __init__(self) -> None:
         self.rows: list[list[Any]] = []
