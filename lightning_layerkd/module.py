@@ -376,6 +376,11 @@ class DistillationModule(LightningModule):
         per-sample maps or ``(1, K)`` weight maps. Teacher maps are constants."""
         if self.method == "none":
             return self.student(x), {}
+        if self.method not in METHODS:
+            raise ValueError(
+                f"layer maps exist for methods {list(METHODS)}; method={self.method!r} compares "
+                "input Jacobians or feature kernels instead (see loss_terms)"
+            )
         self.resolve_layers(x)
         assert self.teacher is not None and self._teacher_hooks and self._student_hooks
         options: dict[str, Any] = dict(
@@ -419,6 +424,9 @@ class DistillationModule(LightningModule):
         """Student logits and, per crucial layer, the per-sample JSD between the student's
         and the teacher's maps (eqs. 8-10). Weight maps give one JSD per batch, repeated for
         each sample so that every entry counts once per sample (design.md section 5)."""
+        if self.method in ("jacobian_matching", "information_flow"):
+            logits, seed_divergences, _, _ = self.loss_terms(x, y, create_graph=create_graph)
+            return logits, seed_divergences
         logits, maps = self.layer_maps(x, y, create_graph=create_graph)
         divergences = {}
         for name, (s, t) in maps.items():

@@ -30,11 +30,11 @@ from torch import nn
 
 from lightning_layerkd.callbacks import LayerwiseLRCallback
 from lightning_layerkd.layers import find_crucial_layers, resolve_module
-from lightning_layerkd.module import DistillationModule, check_options
+from lightning_layerkd.module import ALL_METHODS, DistillationModule, check_options
 
 __all__ = ["main", "run"]
 
-METHOD_CHOICES = ("none", "attention", "jacobian", "hessian")
+METHOD_CHOICES = ALL_METHODS
 
 
 class ConfigError(ValueError):
@@ -72,6 +72,15 @@ def _models(cfg: DictConfig, datamodule: Any) -> tuple[nn.Module, nn.Module]:
             kwargs["in_channels"] = datamodule.in_channels
         models.append(instantiate(node, **kwargs))
     return models[0], models[1]
+
+
+def _auxiliary_model(cfg: DictConfig, datamodule: Any) -> nn.Module:
+    """The student's architecture at twice the width (information flow's auxiliary teacher)."""
+    node: Any = OmegaConf.merge(cfg.model.student, {"width": int(cfg.model.student.width) * 2})
+    kwargs: dict[str, Any] = {"num_classes": datamodule.num_classes}
+    if "lightning_layerkd.models" in str(node.get("_target_", "")):
+        kwargs["in_channels"] = datamodule.in_channels
+    return instantiate(node, **kwargs)
 
 
 def _trainer(cfg: DictConfig, epochs: int, root: Path, callbacks: list[Callback], logger: Any):
@@ -124,7 +133,20 @@ def check_config(cfg: DictConfig) -> None:
         bad = [m for m in cfg.milestones if not 0 < int(m) <= int(cfg.epochs)]
         if bad:
             raise ConfigError(f"milestones {bad} lie outside epochs 1..{cfg.epochs}")
+    critical = cfg.schedule.get("critical_period")
+    if critical is not None and cfg.method.name != "information_flow":
+        raise ConfigError(
+            f"schedule=critical_period weights information-flow layers (Passalis et al. eq. 10); "
+            f"it does not apply to method={cfg.method.name}"
+        )
+    if cfg.method.get("auxiliary") and "width" not in cfg.model.student:
+        raise ConfigError(
+            "method.auxiliary=true builds the student's architecture at twice the width, but "
+            f"model.student ({cfg.model.student.get('_target_')}) has no 'width'; set "
+            "method.auxiliary=false or use a lightning_layerkd.models.resnet student"
+        )
     try:  # the method's options, the scheduler and the callback, as they will be built
+        _method_options_of(cfg)
         check_options(
             method=cfg.method.name,
             wrt=cfg.method.wrt,
@@ -173,6 +195,18 @@ def dataset_label(cfg: DictConfig, datamodule: Any) -> str:
     if name == "ArraysDataModule":
         return Path(str(cfg.dataset.data_dir)).name
     return DATASET_LABELS.get(name, name)
+
+
+def _method_options_of(cfg: DictConfig) -> dict[str, Any]:
+    options: dict[str, Any] = OmegaConf.to_container(  # type: ignore[assignment]
+        cfg.method.get("options") or OmegaConf.create({}), resolve=True
+    )
+    critical = cfg.schedule.get("critical_period")
+    if critical is not None:
+        options["critical_period"] = OmegaConf.to_container(critical, resolve=True)
+    from lightning_layerkd.module import _method_options
+
+    return _method_options(cfg.method.name, options)  # unknown keys fail here
 
 
 def check_layers(
@@ -279,31 +313,54 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
     teacher, student = _models(cfg, datamodule)
     example = next(iter(datamodule.train_dataloader()))[0]
     method = cfg.method.name
+    method_options = _method_options_of(cfg)
+    auxiliary = _auxiliary_model(cfg, datamodule) if cfg.method.get("auxiliary") else None
     layers: Any = cfg.layers if cfg.layers == "auto" else [list(p) for p in cfg.layers]
     if method != "none":  # bad layer paths fail here, before any training
-        layers = check_layers(teacher, student, layers, example, cfg.num_crucial_layers)
+        source = auxiliary if auxiliary is not None else teacher
+        layers = check_layers(source, student, layers, example, cfg.num_crucial_layers)
 
     teacher_meta: dict[str, Any] = {}
     if method != "none":
         teacher_meta = train_teacher(cfg, datamodule, teacher, root)
 
     schedule = cfg.schedule
-    module = DistillationModule(
-        teacher if method != "none" else None,
-        student,
-        method=method,
-        layers=layers,
-        num_classes=datamodule.num_classes,
-        task=datamodule.task,
-        map_weight=cfg.map_weight,
-        wrt=cfg.method.wrt,
-        map_target=cfg.method.map_target,
-        num_probes=cfg.method.num_probes,
-        num_crucial_layers=cfg.num_crucial_layers,
-        example_input=example,
-        optimizer=_optimizer(cfg),
-        scheduler=instantiate(schedule.scheduler) if schedule.scheduler is not None else None,
-    )
+
+    def distiller(source: nn.Module | None, target: nn.Module, pairs: Any) -> DistillationModule:
+        return DistillationModule(
+            source,
+            target,
+            method=method,
+            layers=pairs,
+            num_classes=datamodule.num_classes,
+            task=datamodule.task,
+            map_weight=cfg.map_weight,
+            wrt=cfg.method.wrt,
+            map_target=cfg.method.map_target,
+            num_probes=cfg.method.num_probes,
+            num_crucial_layers=cfg.num_crucial_layers,
+            method_options=method_options,
+            example_input=example,
+            optimizer=_optimizer(cfg),
+            scheduler=instantiate(schedule.scheduler) if schedule.scheduler is not None else None,
+        )
+
+    auxiliary_meta: dict[str, Any] = {}
+    if auxiliary is not None:
+        # Passalis et al. section 3.2: the student's architecture at twice the width learns
+        # from the teacher first (outputs only), then teaches the student layer by layer.
+        pl.seed_everything(cfg.seed, workers=True)
+        history = EpochHistory()
+        trainer = _trainer(cfg, cfg.epochs, root / "auxiliary", [history], False)
+        trainer.fit(distiller(teacher, auxiliary, []), datamodule=datamodule)
+        auxiliary_meta = {
+            "width": int(cfg.model.student.width) * 2,
+            "val_acc": history.epochs[-1].get("val/acc") if history.epochs else None,
+            "history": history.epochs,
+        }
+        auxiliary.requires_grad_(False)
+        teacher = auxiliary
+    module = distiller(teacher if method != "none" else None, student, layers)
     pl.seed_everything(cfg.seed, workers=True)
     history = EpochHistory()
     callbacks: list[Callback] = [
@@ -317,7 +374,8 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
     if cfg.logger.name == "wandb" and method != "none":
         from lightning_layerkd.wandb_utils import LayerPanels, MapImageLogger
 
-        callbacks.append(MapImageLogger(every_n_epochs=cfg.logger.map_images_every_n_epochs))
+        if method in ("attention", "jacobian", "hessian"):  # methods with layer maps
+            callbacks.append(MapImageLogger(every_n_epochs=cfg.logger.map_images_every_n_epochs))
         callbacks.append(LayerPanels())
     logger = _logger(cfg, root, "student")
     trainer = _trainer(cfg, cfg.epochs, root, callbacks, logger)
@@ -339,6 +397,7 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
         "dataset": dataset_label(cfg, datamodule),
         "layer_pairs": module.layer_pairs,
         "teacher": teacher_meta,
+        "auxiliary": auxiliary_meta,
         "student": {
             "val_acc": accs[-1] if accs else None,
             "best_val_acc": accs[best] if best is not None else None,

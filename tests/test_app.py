@@ -80,8 +80,15 @@ def shared_cache(shared_cache_dir, monkeypatch) -> Path:
 
 
 def test_groups_ship_the_paper_rows():
-    assert GROUPS["method"] == ["attention", "hessian", "jacobian", "none"]
-    assert GROUPS["schedule"] == ["layerwise", "multistep", "none"]
+    assert GROUPS["method"] == [
+        "attention",
+        "hessian",
+        "information_flow",
+        "jacobian",
+        "jacobian_matching",
+        "none",
+    ]
+    assert GROUPS["schedule"] == ["critical_period", "layerwise", "multistep", "none"]
     assert {"digits", "cifar10", "cifar100", "coco", "arrays"} <= set(GROUPS["dataset"])
     assert GROUPS["experiment"] == ["cifar100_table1", "cifar10_table1", "coco_table2"]
 
@@ -120,6 +127,8 @@ def test_every_schedule_instantiates(option):
     if option == "none":
         assert cfg.schedule.scheduler is None and cfg.schedule.layerwise is None
         return
+    if option == "critical_period":
+        assert dict(cfg.schedule.critical_period) == {"alpha_init": 100.0, "gamma": 0.7}
     scheduler = instantiate(cfg.schedule.scheduler)(optimizer)
     assert list(scheduler.milestones) == list(cfg.milestones)
     if option == "layerwise":
@@ -149,7 +158,9 @@ def test_experiment_presets_carry_the_paper_settings(option):
         assert cfg.epochs == 100 and cfg.model.student._target_.endswith("resnet34")
 
 
-@pytest.mark.parametrize("method", ["attention", "jacobian", "hessian"])
+@pytest.mark.parametrize(
+    "method", ["attention", "jacobian", "hessian", "jacobian_matching", "information_flow"]
+)
 @pytest.mark.parametrize("schedule", ["none", "multistep", "layerwise"])
 def test_digits_run_writes_results(method, schedule, tmp_path, shared_cache):
     cfg = config(*TINY, f"method={method}", f"schedule={schedule}")
@@ -173,6 +184,11 @@ def test_digits_run_writes_results(method, schedule, tmp_path, shared_cache):
         assert lrs["base"] == pytest.approx(cfg.lr * cfg.lr_decay)
         assert set(written["eta"]) == {"layer1", "layer2", "layer3"}
         assert lrs["layer1"] != pytest.approx(lrs["base"])
+    if method == "information_flow":  # the auxiliary teacher: the student at twice the width
+        assert written["auxiliary"]["width"] == 2 * cfg.model.student.width
+        assert written["auxiliary"]["val_acc"] is not None
+    else:
+        assert written["auxiliary"] == {}
     assert "crucial layers" in format_result(results)
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
 
@@ -226,13 +242,16 @@ def test_every_n_epochs_beyond_epochs_fails_before_training(tmp_path, cache):
         ("schedule.layerwise.gamma=2", r"gamma must lie in \(0, 1\)"),
         ("schedule.layerwise.reduction=max", "reduction must be 'sum' or 'mean'"),
         ("method=none", "schedule=layerwise needs crucial layers"),
+        ("schedule=critical_period", "does not apply to method=attention"),
+        ("method=information_flow,+method.options.alpha=2", r"\['alpha'\] are not options"),
+        ("method=information_flow,model=coco_resnet50_resnet34", "has no 'width'"),
     ],
 )
 def test_method_and_schedule_mistakes_fail_before_the_teacher_trains(
     override, message, tmp_path, cache
 ):
     with pytest.raises(ConfigError, match=message):
-        run(config(*TINY, "schedule=layerwise", override), tmp_path)
+        run(config(*TINY, "schedule=layerwise", *override.split(",")), tmp_path)
     assert list(cache.rglob("*.pt")) == []
 
 

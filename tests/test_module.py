@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_layerkd import DistillationModule
 from lightning_layerkd.divergence import js_divergence
+from lightning_layerkd.information_flow import pkt_loss
+from lightning_layerkd.jacobian_matching import input_jacobian, jacobian_matching_loss
 from lightning_layerkd.maps import attention_map, jacobian_map, to_distribution
 from lightning_layerkd.models import resnet
 
@@ -342,3 +344,48 @@ def test_predict_needs_no_layers(tmp_path):
     module = DistillationModule(teacher, student, num_classes=5)
     [logits] = trainer(tmp_path).predict(module, DataLoader(TensorDataset(batch()[0]), 6))
     assert logits.shape == (6, 5) and module.layer_pairs is None
+
+
+def test_jacobian_matching_terms_train_the_student_through_input_jacobians():
+    teacher, student = pair()
+    module = DistillationModule(
+        teacher, student, num_classes=5, layers=PAIRS[:2], method="jacobian_matching"
+    )
+    x, y = batch()
+    logits, divergences, map_loss, extra = module.loss_terms(x, y, create_graph=True)
+    assert extra == {} and set(divergences) == {"layer1", "layer2"}
+    assert all(d.shape == (6,) and (d >= 0).all() and (d <= 4).all() for d in divergences.values())
+    expected_output = jacobian_matching_loss(
+        input_jacobian(student, x, y)[1], input_jacobian(teacher, x, y)[1]
+    )
+    expected = expected_output + sum(d.mean() for d in divergences.values())
+    torch.testing.assert_close(map_loss.detach(), expected, rtol=1e-4, atol=1e-6)
+    map_loss.backward()  # double backward through the input gradients
+    assert student.conv1.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_information_flow_uses_critical_period_weights_of_the_epoch():
+    teacher, student = pair()
+    options = {"critical_period": {"alpha_init": 100.0, "gamma": 0.7}}
+    module = DistillationModule(
+        teacher,
+        student,
+        num_classes=5,
+        layers=PAIRS[1:3],
+        method="information_flow",
+        method_options=options,
+    )
+    x, y = batch()
+    logits, divergences, map_loss, _ = module.loss_terms(x, y, create_graph=True)
+    layer_terms = sum(d[0] for d in divergences.values())
+    with torch.no_grad():
+        output_term = pkt_loss(student(x), teacher(x), reduction="mean")
+    # epoch 0: intermediate layers weigh alpha_init, the output 1 (eq. 10)
+    torch.testing.assert_close(
+        map_loss.detach(), 100.0 * layer_terms + output_term, rtol=1e-4, atol=1e-6
+    )
+    with pytest.raises(ValueError, match=r"\['alpha'\] are not options"):
+        DistillationModule(
+            teacher, student, num_classes=5, method="information_flow", method_options={"alpha": 1}
+        )
