@@ -14,13 +14,15 @@ student and teacher layers may have different ``D`` (only ``N`` must agree).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
+    "layer_information",
+    "report_layer_matching",
     "Kernel",
     "LossKernel",
     "Reduction",
@@ -384,3 +386,58 @@ def information_flow_divergence(
     ws = _as_list(student_scores, "student_scores")
     wt = _as_list(teacher_scores, "teacher_scores")
     return float(sum((s - wt[j]) ** 2 for s, j in zip(ws, match_layers(ws, wt), strict=True)))
+
+
+def layer_information(
+    model: nn.Module,
+    paths: Sequence[str],
+    batches: Iterable[tuple[Tensor, Tensor]],
+) -> list[float]:
+    """Nearest-centroid accuracy (the MI proxy of Fig. 2) of each layer in ``paths`` and of the
+    output, on ``batches`` of ``(inputs, labels)``, leave-one-out, the model in eval mode."""
+    from lightning_layerkd.layers import FeatureHooks, resolve_module
+
+    modules = [resolve_module(model, path) for path in paths]
+    hooks = FeatureHooks(modules, list(paths))
+    feats: list[list[Tensor]] = [[] for _ in range(len(paths) + 1)]
+    labels: list[Tensor] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for x, y in batches:
+                x = x.to(next(model.parameters()).device)
+                with hooks.record() as recording:
+                    logits = model(x)
+                    outputs = hooks.outputs(recording)
+                for store, f in zip(feats, [*outputs, logits], strict=True):
+                    store.append(f.flatten(1).float().cpu())
+                labels.append(y.cpu())
+    finally:
+        hooks.remove()
+        model.train(was_training)
+    y_all = torch.cat(labels)
+    return [nearest_centroid_accuracy(torch.cat(f), y_all) for f in feats]
+
+
+def report_layer_matching(
+    teacher: nn.Module,
+    student: nn.Module,
+    pairs: Sequence[tuple[str, str]],
+    batches: Sequence[tuple[Tensor, Tensor]],
+) -> dict[str, object]:
+    """Which teacher layer feeds which student layer by eqs. 3-4, from each crucial layer's
+    (and the output's) nearest-centroid accuracy: ``{"student": {...}, "teacher": {...},
+    "matching": {student_layer: teacher_layer}, "divergence": eq. 3}``."""
+    s_paths = [s for s, _ in pairs]
+    t_paths = [t for _, t in pairs]
+    w_s = layer_information(student, s_paths, batches)
+    w_t = layer_information(teacher, t_paths, batches)
+    s_names, t_names = [*s_paths, "output"], [*t_paths, "output"]
+    kappa = match_layers(w_s, w_t)
+    return {
+        "student": dict(zip(s_names, w_s, strict=True)),
+        "teacher": dict(zip(t_names, w_t, strict=True)),
+        "matching": {s_names[i]: t_names[j] for i, j in enumerate(kappa)},
+        "divergence": information_flow_divergence(w_s, w_t),
+    }

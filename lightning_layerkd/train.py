@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -409,6 +410,15 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
         "eta": dict(layerwise.eta) if layerwise is not None else {},
         "wall_time_s": time.time() - start,
     }
+    if method == "information_flow" and module.layer_pairs:
+        from lightning_layerkd.information_flow import report_layer_matching
+
+        # Passalis et al. eqs. 3-4: which teacher layer should feed which student layer,
+        # judged by each layer's nearest-centroid accuracy on validation batches
+        batches = list(itertools.islice(datamodule.val_dataloader(), 8))
+        results["layer_matching"] = report_layer_matching(
+            teacher, student, module.layer_pairs, batches
+        )
     if trainer.is_global_zero:
         _atomic_write(
             root / "results.json",

@@ -187,6 +187,10 @@ def test_digits_run_writes_results(method, schedule, tmp_path, shared_cache):
     if method == "information_flow":  # the auxiliary teacher: the student at twice the width
         assert written["auxiliary"]["width"] == 2 * cfg.model.student.width
         assert written["auxiliary"]["val_acc"] is not None
+        matching = written["layer_matching"]
+        assert set(matching["matching"]) == {"layer1", "layer2", "layer3", "output"}
+        assert matching["matching"]["output"] == "output"  # eq. 4: last feeds last
+        assert all(0 <= v <= 1 for v in matching["student"].values())
     else:
         assert written["auxiliary"] == {}
     assert "crucial layers" in format_result(results)

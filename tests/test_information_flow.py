@@ -19,10 +19,12 @@ from lightning_layerkd.information_flow import (
     critical_period_weights,
     information_flow_divergence,
     jeffreys_divergence,
+    layer_information,
     match_layers,
     multi_layer_pkt_loss,
     nearest_centroid_accuracy,
     pkt_loss,
+    report_layer_matching,
     student_t_kernel,
 )
 
@@ -404,3 +406,22 @@ def test_one_zero_student_sample_gets_a_zero_cosine_gradient() -> None:
     assert s.grad is not None
     assert s.grad[0].abs().max().item() == 0.0
     assert 1e-4 < s.grad[1:].abs().max().item() < 10.0
+
+
+def test_layer_information_reports_separable_layers_and_matching():
+    torch.manual_seed(0)
+    labels = torch.arange(40) % 2
+    x = torch.randn(40, 3, 4, 4) + 3.0 * labels.view(-1, 1, 1, 1).float()
+    teacher = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 1), torch.nn.Flatten(), torch.nn.Linear(64, 2)
+    )
+    student = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 2, 1), torch.nn.Flatten(), torch.nn.Linear(32, 2)
+    )
+    batches = [(x[:20], labels[:20]), (x[20:], labels[20:])]
+    scores = layer_information(teacher, ["0"], batches)
+    assert len(scores) == 2 and scores[0] == 1.0  # the class shift survives a 1x1 conv
+    report = report_layer_matching(teacher, student, [("0", "0")], batches)
+    assert report["matching"] == {"0": "0", "output": "output"}
+    assert report["student"]["0"] == 1.0
+    assert not any(m._forward_hooks for m in teacher.modules())
