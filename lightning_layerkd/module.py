@@ -520,19 +520,10 @@ class DistillationModule(LightningModule):
         self.resolve_layers(x)
         assert self.teacher is not None
         options = self.method_options
+        assert self._teacher_hooks is not None and self._student_hooks is not None
         with torch.no_grad():
-            if self._teacher_hooks is not None:
-                with self._teacher_hooks.record() as recording:
-                    t_logits = self.teacher(x)
-                    t_feats = self._teacher_hooks.outputs(recording)
-            else:
-                t_logits, t_feats = self.teacher(x), []
-        if self._student_hooks is not None:
-            with self._student_hooks.record() as recording:
-                logits = self.student(x)
-                s_feats = self._student_hooks.outputs(recording)
-        else:
-            logits, s_feats = self.student(x), []
+            t_logits, t_feats = _forward_recording(self.teacher, self._teacher_hooks, x)
+        logits, s_feats = _forward_recording(self.student, self._student_hooks, x)
         pkt = partial(pkt_loss, kernel=options["kernel"], reduction=options["reduction"])
         names = self.layer_names
         losses = [pkt(s, t) for s, t in zip(s_feats, t_feats, strict=True)]
@@ -639,6 +630,15 @@ def _key(name: str) -> str:
 def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _forward_recording(
+    model: nn.Module, hooks: FeatureHooks, x: Tensor
+) -> tuple[Tensor, list[Tensor]]:
+    """Logits and the hooked layers' outputs of one forward pass."""
+    with hooks.record() as recording:
+        logits = model(x)
+        return logits, hooks.outputs(recording)
 
 
 def _method_options(method: str, given: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -114,3 +114,13 @@ def _restore_torch_global_state():
     yield
     torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
     torch.set_default_dtype(dtype)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """The test networks are tiny: intra-op threads only add overhead, badly so on a busy
+    2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

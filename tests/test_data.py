@@ -306,18 +306,9 @@ def test_coco_missing_paths(tmp_path):
         CocoDataModule(annotation_file, image_dir, annotation_file, tmp_path / "nope")
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run fastest on one thread (and do not stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.filterwarnings("ignore:No positive samples found in target")
 @pytest.mark.filterwarnings("ignore:.*modules? in eval mode")
-def test_coco_one_distillation_step_reports_map(tmp_path, one_thread):
+def test_coco_one_distillation_step_reports_map(tmp_path):
     annotation_file, image_dir = make_coco_fixture(tmp_path, num_images=6, num_categories=3)
     dm = CocoDataModule(
         annotation_file, image_dir, annotation_file, image_dir, image_size=32, batch_size=2

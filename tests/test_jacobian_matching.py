@@ -26,15 +26,6 @@ from lightning_layerkd.jacobian_matching import (
 B, K, S = 4, 5, 10  # batch, classes, image side; inputs are (B, 3, S, S)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tensors here are tiny: intra-op threads only add overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_net(width: int, seed: int) -> nn.Sequential:
     """Stage ``"0"`` keeps the 10x10 resolution (the attention layer), then a stride-2 stage."""
     torch.manual_seed(seed)

@@ -32,15 +32,6 @@ from lightning_layerkd.maps import (
 B = 4  # batch size; inputs are (B, 3, 5, 5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tensors here are tiny: intra-op threads only add overhead (badly so on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def cnn64(seed: int = 0, mid: int = 4, out: int = 6, k: int = 3) -> nn.Sequential:
     """conv-BN-ReLU, conv(no bias)-BN-ReLU, pool, linear; float64, non-trivial BN statistics."""
     torch.manual_seed(seed)
