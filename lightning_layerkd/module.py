@@ -135,7 +135,9 @@ class DistillationModule(LightningModule):
         teacher: nn.Module | None,
         student: nn.Module,
         *,
-        method: Literal["attention", "jacobian", "hessian", "none"] = "attention",
+        method: Literal[
+            "attention", "jacobian", "hessian", "jacobian_matching", "information_flow", "none"
+        ] = "attention",
         layers: LayerSpec = "auto",
         num_classes: int,
         task: Literal["multiclass", "multilabel"] = "multiclass",
@@ -186,7 +188,6 @@ class DistillationModule(LightningModule):
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
 
-        self._layer_spec = layers
         self.layer_pairs: list[tuple[str, str]] | None = None
         if method == "none":
             self.layer_pairs = []
