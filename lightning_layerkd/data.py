@@ -437,7 +437,6 @@ class ArraysDataModule(ImageDataModule):
     ) -> None:
         super().__init__(batch_size, num_workers, seed)
         select_subset(np.zeros(1), subset)  # validate early
-        self.save_hyperparameters()
         self.data_dir = Path(data_dir).expanduser()
         self.augment = RandomCropFlip(padding, padding_mode) if augment else None
         self.subset = subset
@@ -458,6 +457,8 @@ class ArraysDataModule(ImageDataModule):
             raise ValueError(f"no labels found in {self.data_dir}")
         _, h, _, c = self._arrays["x_train"].shape
         self.num_classes, self.image_size, self.in_channels = num_classes, h, c
+        # after num_classes is resolved: a logger merges these hparams with the module's
+        self.save_hyperparameters()
         for name, value in (("mean", mean), ("std", std)):
             if value is not None and len(value) != c:
                 raise ValueError(f"{name} has {len(value)} values; the images have {c} channels")

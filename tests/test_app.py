@@ -267,14 +267,17 @@ def test_unknown_layers_fail_before_training_with_candidates(tmp_path, cache):
     assert list(cache.rglob("*.pt")) == []
 
 
-def test_arrays_dataset_runs(tmp_path, shared_cache):
+def test_arrays_dataset_runs_with_a_logger(tmp_path, shared_cache):
+    # num_classes: null is resolved from the labels; the logger's hparams merge must agree
     cfg = config(
-        *[o for o in TINY if "image_size" not in o],
+        *[o for o in TINY if "image_size" not in o and not o.startswith("logger=")],
+        "logger=csv",
         "dataset=arrays",
         f"dataset.data_dir={write_arrays(tmp_path / 'data')}",
     )
     results = run(cfg, tmp_path / "out")
     assert results["student"]["val_acc"] is not None
+    assert list((tmp_path / "out").rglob("hparams.yaml"))
 
 
 # ---------------------------------------------------------------------- console scripts
