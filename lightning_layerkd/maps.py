@@ -17,6 +17,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
 
 from lightning_layerkd.layers import FeatureHooks, ProbeKind, conversion_conv, resolve_module
 
@@ -171,6 +172,43 @@ def _running_stats_kept(model: nn.Module) -> Iterator[None]:
             m.num_batches_tracked.data.copy_(count)  # type: ignore[union-attr]
 
 
+_CONVOLUTIONS = (F.conv1d, F.conv2d, F.conv3d)
+
+
+class _TangentConvolutions(TorchFunctionMode):
+    """Forward-mode convolutions that skip zero tangents.
+
+    PyTorch's JVP of a convolution is ``conv(x_t, W) + conv(x, W_t)`` with an absent tangent
+    filled by zeros, so every layer pays three convolutions where one or two do: the frozen
+    layers' ``conv(x, 0)`` and the first probed layer's ``conv(0, W)``. Here each term runs only
+    when its tangent exists. The tangent is built from ordinary differentiable ops, so reverse
+    mode through it (the student's map loss) is unchanged.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func not in _CONVOLUTIONS or kwargs or len(args) < 2:
+            return func(*args, **kwargs)
+        x, weight, bias, *rest = (*args, None) if len(args) == 2 else args
+        x_p, x_t = fwAD.unpack_dual(x)
+        w_p, w_t = fwAD.unpack_dual(weight)
+        b_p, b_t = fwAD.unpack_dual(bias) if bias is not None else (None, None)
+        if x_t is None and w_t is None and b_t is None:
+            return func(*args)
+        primal = func(x_p, w_p, b_p, *rest)
+        terms = []
+        if x_t is not None:
+            terms.append(func(x_t, w_p, None, *rest))
+        if w_t is not None:
+            terms.append(func(x_p, w_t, None, *rest))
+        if b_t is not None:
+            terms.append(b_t.view(1, -1, *([1] * (primal.dim() - 2))).expand_as(primal))
+        tangent = terms[0]
+        for term in terms[1:]:
+            tangent = tangent + term
+        return fwAD.make_dual(primal, tangent)
+
+
 def compute_maps(
     model: nn.Module,
     x: Tensor,
@@ -267,7 +305,8 @@ def _derivative_pass(
 ) -> tuple[Tensor, list[Tensor]]:
     """Forward once; return logits and the gradients (Jacobian) or probe products (Hessian)."""
     dual = fwAD.dual_level() if probe is not None else nullcontext()
-    with dual, hooks.record(probe, generator) as recording:
+    tangent_convs = _TangentConvolutions() if probe is not None else nullcontext()
+    with dual, tangent_convs, hooks.record(probe, generator) as recording:
         out = model(x)
         if probe is not None:
             logits, tangent = fwAD.unpack_dual(out)
