@@ -306,12 +306,12 @@ def _derivative_pass(
     """Forward once; return logits and the gradients (Jacobian) or probe products (Hessian)."""
     dual = fwAD.dual_level() if probe is not None else nullcontext()
     tangent_convs = _TangentConvolutions() if probe is not None else nullcontext()
-    with dual, tangent_convs, hooks.record(probe, generator) as recording:
-        out = model(x)
-        if probe is not None:
-            logits, tangent = fwAD.unpack_dual(out)
-        else:
-            logits, tangent = out, None
+    with hooks.record(probe, generator) as recording:
+        with dual, tangent_convs:
+            out = model(x)
+            logits, tangent = fwAD.unpack_dual(out) if probe is not None else (out, None)
+        # The reverse pass runs after the dual level has closed: inside it, every backward op
+        # would also carry the saved tensors' tangents (forward-over-reverse), tripling its cost.
         features = hooks.outputs(recording)
         wrt_tensors = weights if weights else features
         y = default_target(logits.detach(), task) if target is None else target
