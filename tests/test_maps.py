@@ -9,6 +9,7 @@ exact for that block and can be compared with the true Hessian entry by entry.
 from __future__ import annotations
 
 import itertools
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -443,3 +444,46 @@ def test_compute_maps_rejects_invalid_options(kwargs: dict, names: list[str]) ->
     finally:
         hooks.remove()
     assert all(name in str(info.value) for name in names), str(info.value)
+
+
+# --------------------------------------------------------------------------- forward-mode convs
+@pytest.mark.parametrize(
+    ("conv", "shape", "dual_x", "dual_w", "dual_b"),
+    [
+        (F.conv2d, (2, 4, 6, 6), True, False, False),
+        (F.conv2d, (2, 4, 6, 6), False, True, False),
+        (F.conv2d, (2, 4, 6, 6), True, True, True),
+        (F.conv1d, (2, 4, 7), True, True, False),
+    ],
+)
+def test_tangent_convolutions_match_pytorch_jvp_and_its_gradient(
+    conv, shape, dual_x, dual_w, dual_b
+):
+    """The zero-skipping convolution JVP: same primal, same tangent, same reverse-mode gradient
+    through the tangent as PyTorch's own formula (strided, padded, grouped)."""
+    import torch.autograd.forward_ad as fwAD
+
+    from lightning_layerkd.maps import _TangentConvolutions
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 2, *([3] * (len(shape) - 2)), generator=gen, dtype=torch.float64)
+    w.requires_grad_(True)
+    b = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
+    tangents = [torch.randn_like(t) for t in (x, w, b)]
+
+    def run(mode: bool) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        with fwAD.dual_level(), _TangentConvolutions() if mode else nullcontext():
+            args = [
+                fwAD.make_dual(t, v) if flag else t
+                for t, v, flag in zip((x, w, b), tangents, (dual_x, dual_w, dual_b), strict=True)
+            ]
+            primal, tangent = fwAD.unpack_dual(conv(*args, 2, 1, 1, 2))
+        grads = torch.autograd.grad((tangent.square().sum() + primal.sum()), (x, w, b))
+        return primal.detach(), tangent.detach(), grads
+
+    expected, got = run(False), run(True)
+    torch.testing.assert_close(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[1])
+    for g, e in zip(got[2], expected[2], strict=True):
+        torch.testing.assert_close(g, e)
