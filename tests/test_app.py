@@ -216,6 +216,20 @@ def test_student_alone_trains_no_teacher(tmp_path, cache):
 
 
 # ---------------------------------------------------------------------- bad configs
+def test_sweep_folder_names_leave_out_paths():
+    """A data path in a multirun override would nest the job folders (``.../data_dir=/tmp/x``)."""
+    with initialize_config_module(config_module="lightning_layerkd.conf", version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=["dataset=arrays", "dataset.data_dir=/tmp/x", "seed=1"],
+            return_hydra_config=True,
+        )
+    assert set(cfg.hydra.job.config.override_dirname.exclude_keys) >= {
+        "dataset.data_dir",
+        "teacher_cache_dir",
+    }
+
+
 def test_unknown_group_option_lists_the_choices():
     with pytest.raises(ConfigCompositionException) as err:
         config("method=fisher")
