@@ -6,6 +6,8 @@ A functional core that works on any ``nn.Module`` returning ``(B, K)`` logits:
   sample (the true class, or the model's own arg-max; their section 4.1);
 * :func:`attention_pixel_jacobian`: the input gradient of the largest pixel of an intermediate
   layer's average-pooled attention map (their sections 5.2.1 and 6.3.2);
+* :func:`layer_jacobians`: both of the above for every hooked layer from one forward pass (what
+  :class:`~lightning_layerkd.DistillationModule` uses);
 * :func:`jacobian_matching_loss`: eq. 10, squared distance of L2-normalised Jacobians;
 * :func:`activation_matching_loss`: the squared error of the outputs (Prop. 1);
 * :func:`jacobian_norm_penalty`: ``sum_k ||d z_k / d x||^2`` (Prop. 2, Table 2).
@@ -36,6 +38,8 @@ __all__ = [
     "input_jacobian",
     "jacobian_matching_loss",
     "jacobian_norm_penalty",
+    "LayerJacobians",
+    "layer_jacobians",
     "pool_window",
 ]
 
@@ -263,23 +267,7 @@ def attention_pixel_jacobian(
             (features,) = hooks.outputs(recording)
         finally:
             hooks.remove()
-        if features.dim() != 4:
-            raise ValueError(
-                f"layer '{path}' must output (B, C, H, W) features, "
-                f"got shape {tuple(features.shape)}"
-            )
-        attention = _at_least_float32(features).square().sum(dim=1, keepdim=True)  # eq. 8
-        size = (attention.shape[-2], attention.shape[-1])
-        kernel = pool_window(size) if window is None else window
-        pooled = F.avg_pool2d(attention, kernel, stride=stride).squeeze(1)  # (B, H', W')
-        width = pooled.shape[-1]
-        if teacher_pixel is None:
-            flat = pooled.detach().flatten(1).argmax(dim=1)
-            index = torch.stack((flat // width, flat % width), dim=1)
-        else:
-            index = _check_index(teacher_pixel, pooled, path)
-            flat = index[:, 0] * width + index[:, 1]
-        picked = pooled.flatten(1).gather(1, flat.view(-1, 1)).sum()
+        picked, index, pooled = _pooled_pixel(features, path, teacher_pixel, window, stride)
         (j,) = torch.autograd.grad(picked, x, create_graph=create_graph)
     return PixelJacobian(
         logits=logits if create_graph else logits.detach(),
@@ -287,6 +275,99 @@ def attention_pixel_jacobian(
         pixel=index,
         pooled=pooled.detach(),
     )
+
+
+def _pooled_pixel(
+    features: Tensor,
+    path: str,
+    teacher_pixel: Tensor | PixelJacobian | None,
+    window: int | tuple[int, int] | None,
+    stride: int | tuple[int, int],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(sum_i P_i[pixel_i], pixel, P)``: eq. 8's attention map of ``features``, average-pooled
+    (section 6.3.2), and its arg-max pixel per sample or the teacher's."""
+    if features.dim() != 4:
+        raise ValueError(
+            f"layer '{path}' must output (B, C, H, W) features, got shape {tuple(features.shape)}"
+        )
+    attention = _at_least_float32(features).square().sum(dim=1, keepdim=True)  # eq. 8
+    size = (attention.shape[-2], attention.shape[-1])
+    kernel = pool_window(size) if window is None else window
+    pooled = F.avg_pool2d(attention, kernel, stride=stride).squeeze(1)  # (B, H', W')
+    width = pooled.shape[-1]
+    if teacher_pixel is None:
+        flat = pooled.detach().flatten(1).argmax(dim=1)
+        index = torch.stack((flat // width, flat % width), dim=1)
+    else:
+        index = _check_index(teacher_pixel, pooled, path)
+        flat = index[:, 0] * width + index[:, 1]
+    return pooled.flatten(1).gather(1, flat.view(-1, 1)).sum(), index, pooled.detach()
+
+
+class LayerJacobians(NamedTuple):
+    """What :func:`layer_jacobians` returns: one forward pass's logits and input Jacobians."""
+
+    #: ``(B, K)`` logits.
+    logits: Tensor
+    #: ``(B, ...)`` input Jacobians of the class logit, as :func:`input_jacobian`.
+    output: Tensor
+    #: per hooked layer, as :func:`attention_pixel_jacobian`.
+    pixels: list[PixelJacobian]
+
+
+def layer_jacobians(
+    model: nn.Module,
+    x: Tensor,
+    hooks: FeatureHooks,
+    target: Tensor | None = None,
+    teacher: LayerJacobians | None = None,
+    *,
+    window: int | tuple[int, int] | None = None,
+    stride: int | tuple[int, int] = 1,
+    create_graph: bool = False,
+) -> LayerJacobians:
+    """:func:`input_jacobian` and, for every layer ``hooks`` sits on,
+    :func:`attention_pixel_jacobian`, all from one forward pass of ``model``.
+
+    One backward per Jacobian (``1 + len(hooks)``) through the same graph, instead of a forward
+    and a backward each; the values are those of the separate calls (with batch norm in
+    training mode, the running statistics are updated once). ``teacher`` is the teacher's
+    result: its pixels are used, layer by layer, and the student's pooled maps must match.
+    """
+    if teacher is not None and len(teacher.pixels) != len(hooks.modules):
+        raise ValueError(
+            f"the teacher has {len(teacher.pixels)} hooked layers, this model "
+            f"{len(hooks.modules)}; pair them one to one"
+        )
+    with torch.enable_grad():
+        x = _leaf(x)
+        with hooks.record() as recording:
+            logits = _check_logits(model(x))
+            features = hooks.outputs(recording)
+        c = _classes(logits, target)
+        scalars = [logits.gather(1, c.view(-1, 1)).sum()]
+        chosen = []
+        for k, (path, f) in enumerate(zip(hooks.paths, features, strict=True)):
+            picked, index, pooled = _pooled_pixel(
+                f, path, None if teacher is None else teacher.pixels[k], window, stride
+            )
+            scalars.append(picked)
+            chosen.append((index, pooled))
+        jacobians = [
+            torch.autograd.grad(
+                scalar,
+                x,
+                create_graph=create_graph,
+                retain_graph=create_graph or k < len(scalars) - 1,
+            )[0]
+            for k, scalar in enumerate(scalars)
+        ]
+    out_logits = logits if create_graph else logits.detach()
+    pixels = [
+        PixelJacobian(logits=out_logits, jacobian=j, pixel=index, pooled=pooled)
+        for j, (index, pooled) in zip(jacobians[1:], chosen, strict=True)
+    ]
+    return LayerJacobians(out_logits, jacobians[0], pixels)
 
 
 def _check_index(teacher_pixel: Tensor | PixelJacobian, pooled: Tensor, path: str) -> Tensor:

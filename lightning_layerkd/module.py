@@ -25,10 +25,9 @@ from lightning_layerkd.divergence import js_divergence
 from lightning_layerkd.information_flow import critical_period_weights, pkt_loss
 from lightning_layerkd.jacobian_matching import (
     activation_matching_loss,
-    attention_pixel_jacobian,
-    input_jacobian,
     jacobian_matching_loss,
     jacobian_norm_penalty,
+    layer_jacobians,
 )
 from lightning_layerkd.layers import (
     CrucialLayerError,
@@ -487,19 +486,21 @@ class DistillationModule(LightningModule):
         assert self.teacher is not None
         options = self.method_options
         label_free = self.map_target == "teacher"
-        t_logits, j_teacher = input_jacobian(self.teacher, x, None if label_free else y)
+        assert self._teacher_hooks is not None and self._student_hooks is not None
+        # one forward per network serves the logits, the output's and every layer's Jacobian
+        teacher = layer_jacobians(self.teacher, x, self._teacher_hooks, None if label_free else y)
+        t_logits, j_teacher = teacher.logits, teacher.output
         target = t_logits.argmax(1) if label_free else y
-        logits, j_student = input_jacobian(self.student, x, target, create_graph=create_graph)
-        divergences: dict[str, Tensor] = {}
-        with _running_stats_kept(self.student):  # extra student passes: no BN double count
-            for s_path, t_path in self.layer_pairs or []:
-                teacher_pixel = attention_pixel_jacobian(self.teacher, x, t_path)
-                student_pixel = attention_pixel_jacobian(
-                    self.student, x, s_path, teacher_pixel, create_graph=create_graph
-                )
-                divergences[s_path] = jacobian_matching_loss(  # eq. 10 per sample
-                    student_pixel.jacobian, teacher_pixel.jacobian, reduction="none"
-                )
+        student = layer_jacobians(
+            self.student, x, self._student_hooks, target, teacher, create_graph=create_graph
+        )
+        logits, j_student = student.logits, student.output
+        divergences = {
+            s_path: jacobian_matching_loss(s_pixel.jacobian, t_pixel.jacobian, reduction="none")
+            for s_path, s_pixel, t_pixel in zip(
+                self._student_hooks.paths, student.pixels, teacher.pixels, strict=True
+            )
+        }  # eq. 10 per sample and layer
         map_loss = options["output_weight"] * jacobian_matching_loss(j_student, j_teacher)
         map_loss = map_loss + sum((d.mean() for d in divergences.values()), x.new_zeros(()))
         extra: dict[str, Tensor] = {}

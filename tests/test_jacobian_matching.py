@@ -20,8 +20,10 @@ from lightning_layerkd.jacobian_matching import (
     input_jacobian,
     jacobian_matching_loss,
     jacobian_norm_penalty,
+    layer_jacobians,
     pool_window,
 )
+from lightning_layerkd.layers import FeatureHooks
 
 B, K, S = 4, 5, 10  # batch, classes, image side; inputs are (B, 3, S, S)
 
@@ -317,6 +319,47 @@ def test_student_uses_the_teachers_pixel_and_trains(teacher, student, x):
 
     fd = finite_difference(loss_now, conv, (1, 2, 0, 1))
     assert conv.grad[1, 2, 0, 1].item() == pytest.approx(fd, rel=1e-5, abs=1e-9)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_layer_jacobians_of_one_pass_equal_separate_passes(teacher, student, x, train):
+    """One forward for the output and two layers gives the values and the student gradient of
+    separate input_jacobian / attention_pixel_jacobian calls (batch norm in either mode)."""
+    student.train(train)
+    y = torch.tensor([0, 3, 1, 4])
+    layers = ["0", "1"]
+    t_hooks = FeatureHooks([teacher[0], teacher[1]], layers)
+    s_hooks = FeatureHooks([student[0], student[1]], layers)
+    t_all = layer_jacobians(teacher, x, t_hooks, y, window=2)
+    s_all = layer_jacobians(student, x, s_hooks, y, t_all, window=2, create_graph=True)
+    t_hooks.remove()
+    s_hooks.remove()
+    loss = jacobian_matching_loss(s_all.output, t_all.output) + sum(
+        jacobian_matching_loss(s.jacobian, t.jacobian)
+        for s, t in zip(s_all.pixels, t_all.pixels, strict=True)
+    )
+    params = list(student.parameters())
+    got = torch.autograd.grad(loss, params, allow_unused=True)
+
+    t_out = input_jacobian(teacher, x, y)[1]
+    s_logits, s_out = input_jacobian(student, x, y, create_graph=True)
+    expected_loss = jacobian_matching_loss(s_out, t_out)
+    for k, path in enumerate(layers):
+        t_pix = attention_pixel_jacobian(teacher, x, path, window=2)
+        s_pix = attention_pixel_jacobian(student, x, path, t_pix, window=2, create_graph=True)
+        assert torch.equal(s_all.pixels[k].pixel, t_pix.pixel)
+        torch.testing.assert_close(t_all.pixels[k].jacobian, t_pix.jacobian)
+        torch.testing.assert_close(s_all.pixels[k].jacobian.detach(), s_pix.jacobian.detach())
+        expected_loss = expected_loss + jacobian_matching_loss(s_pix.jacobian, t_pix.jacobian)
+    torch.testing.assert_close(s_all.output.detach(), s_out.detach())
+    torch.testing.assert_close(s_all.logits.detach(), s_logits.detach())
+    torch.testing.assert_close(loss.detach(), expected_loss.detach())
+    expected = torch.autograd.grad(expected_loss, params, allow_unused=True)
+    assert sum(g is not None for g in got) >= 4  # convs, BN and the linear weight
+    for g, e in zip(got, expected, strict=True):
+        assert (g is None) == (e is None)
+        if g is not None:
+            torch.testing.assert_close(g, e)
 
 
 def test_hooks_are_removed_also_after_errors(teacher, student, x):
