@@ -23,13 +23,13 @@ case "$dataset" in
   cifar10)
     # 2,000 train images (200 a class), 1,024 test images for validation, ResNet-18 w16 -> ResNet-10 w8
     scale=(dataset=arrays "dataset.data_dir=$cifar_root/cifar10" dataset.subset=200 dataset.batch_size=64
-      model=narrow_resnet18_resnet10 epochs=10 teacher_epochs=10 "milestones=[5,8]" every_n_epochs=2
+      model=narrow_resnet18_resnet10 epochs=6 teacher_epochs=10 "milestones=[3,5]" every_n_epochs=2
       limit_val_batches=16)
     ;;
   cifar100)
-    # 2,500 train images (25 a class), 1,024 test images for validation, same networks
-    scale=(dataset=arrays "dataset.data_dir=$cifar_root/cifar100" dataset.subset=25 dataset.batch_size=64
-      model=narrow_resnet18_resnet10 epochs=8 teacher_epochs=8 "milestones=[4,6]" every_n_epochs=2
+    # 2,000 train images (20 a class), 1,024 test images for validation, same networks
+    scale=(dataset=arrays "dataset.data_dir=$cifar_root/cifar100" dataset.subset=20 dataset.batch_size=64
+      model=narrow_resnet18_resnet10 epochs=6 teacher_epochs=10 "milestones=[3,5]" every_n_epochs=2
       limit_val_batches=16)
     ;;
   *)
