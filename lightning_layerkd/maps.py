@@ -8,6 +8,7 @@ yields the logits and, through persistent hooks, every crucial layer's map.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any, Literal
@@ -173,40 +174,92 @@ def _running_stats_kept(model: nn.Module) -> Iterator[None]:
 
 
 _CONVOLUTIONS = (F.conv1d, F.conv2d, F.conv3d)
+_BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
 
 
-class _TangentConvolutions(TorchFunctionMode):
-    """Forward-mode convolutions that skip zero tangents.
+class _LeanTangents(TorchFunctionMode):
+    """Cheaper forward-mode rules for convolutions and batch norm (same values, same graph).
 
-    PyTorch's JVP of a convolution is ``conv(x_t, W) + conv(x, W_t)`` with an absent tangent
-    filled by zeros, so every layer pays three convolutions where one or two do: the frozen
-    layers' ``conv(x, 0)`` and the first probed layer's ``conv(0, W)``. Here each term runs only
-    when its tangent exists. The tangent is built from ordinary differentiable ops, so reverse
-    mode through it (the student's map loss) is unchanged.
+    * Convolution: PyTorch's JVP is ``conv(x_t, W) + conv(x, W_t)`` with an absent tangent filled
+      by zeros, so every layer pays three convolutions where one or two do (the frozen layers'
+      ``conv(x, 0)``, the first probed layer's ``conv(0, W)``). Here each term runs only when its
+      tangent exists.
+    * Batch norm: its input Jacobian is symmetric, so the tangent of the output is batch norm's
+      own backward kernel applied to the input's tangent: one fused call instead of PyTorch's
+      composite formula (about four times the cost).
+
+    The tangents are built from ordinary differentiable ops, so reverse mode through them (the
+    student's map loss) is unchanged.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        if func not in _CONVOLUTIONS or kwargs or len(args) < 2:
-            return func(*args, **kwargs)
-        x, weight, bias, *rest = (*args, None) if len(args) == 2 else args
-        x_p, x_t = fwAD.unpack_dual(x)
-        w_p, w_t = fwAD.unpack_dual(weight)
-        b_p, b_t = fwAD.unpack_dual(bias) if bias is not None else (None, None)
-        if x_t is None and w_t is None and b_t is None:
-            return func(*args)
-        primal = func(x_p, w_p, b_p, *rest)
-        terms = []
-        if x_t is not None:
-            terms.append(func(x_t, w_p, None, *rest))
-        if w_t is not None:
-            terms.append(func(x_p, w_t, None, *rest))
-        if b_t is not None:
-            terms.append(b_t.view(1, -1, *([1] * (primal.dim() - 2))).expand_as(primal))
-        tangent = terms[0]
-        for term in terms[1:]:
-            tangent = tangent + term
-        return fwAD.make_dual(primal, tangent)
+        if func in _CONVOLUTIONS and not kwargs and len(args) >= 2:
+            return _convolution_jvp(func, *args)
+        if func is F.batch_norm:  # dispatched as (input, mean, var) plus keywords
+            bound = _BATCH_NORM_SIGNATURE.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return _batch_norm_jvp(func, *bound.args)
+        return func(*args, **kwargs)
+
+
+def _convolution_jvp(
+    func: Any, x: Tensor, weight: Tensor, bias: Tensor | None = None, *rest: Any
+) -> Tensor:
+    x_p, x_t = fwAD.unpack_dual(x)
+    w_p, w_t = fwAD.unpack_dual(weight)
+    b_p, b_t = fwAD.unpack_dual(bias) if bias is not None else (None, None)
+    if x_t is None and w_t is None and b_t is None:
+        return func(x, weight, bias, *rest)
+    primal = func(x_p, w_p, b_p, *rest)
+    terms = []
+    if x_t is not None:
+        terms.append(func(x_t, w_p, None, *rest))
+    if w_t is not None:
+        terms.append(func(x_p, w_t, None, *rest))
+    if b_t is not None:
+        terms.append(b_t.view(1, -1, *([1] * (primal.dim() - 2))).expand_as(primal))
+    tangent = terms[0]
+    for term in terms[1:]:
+        tangent = tangent + term
+    return fwAD.make_dual(primal, tangent)
+
+
+def _batch_norm_jvp(
+    func: Any,
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    args = (x, running_mean, running_var, weight, bias, training, momentum, eps)
+    x_p, x_t = fwAD.unpack_dual(x)
+    affine_tangent = any(
+        t is not None and fwAD.unpack_dual(t).tangent is not None for t in (weight, bias)
+    )
+    if x_t is None or affine_tangent:
+        return func(*args)
+    primal, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+        x_p, weight, bias, running_mean, running_var, training, momentum, eps
+    )
+    # The batch statistics' dependence on x is inside the kernel's double backward.
+    tangent = torch.ops.aten.native_batch_norm_backward(
+        x_t,
+        x_p,
+        weight,
+        running_mean,
+        running_var,
+        save_mean.detach(),
+        save_invstd.detach(),
+        training,
+        eps,
+        [True, False, False],
+    )[0]
+    return fwAD.make_dual(primal, tangent)
 
 
 def compute_maps(
@@ -305,9 +358,9 @@ def _derivative_pass(
 ) -> tuple[Tensor, list[Tensor]]:
     """Forward once; return logits and the gradients (Jacobian) or probe products (Hessian)."""
     dual = fwAD.dual_level() if probe is not None else nullcontext()
-    tangent_convs = _TangentConvolutions() if probe is not None else nullcontext()
+    lean_tangents = _LeanTangents() if probe is not None else nullcontext()
     with hooks.record(probe, generator) as recording:
-        with dual, tangent_convs:
+        with dual, lean_tangents:
             out = model(x)
             logits, tangent = fwAD.unpack_dual(out) if probe is not None else (out, None)
         # The reverse pass runs after the dual level has closed: inside it, every backward op

@@ -408,6 +408,27 @@ def test_map_loss_gradient_value(method: str, train: bool) -> None:
     )
 
 
+@pytest.mark.parametrize("wrt", ["weight", "activation"])
+def test_hessian_map_gradient_in_train_mode_matches_finite_differences(wrt: str) -> None:
+    """Training-mode BN has no third derivative, so here the reference is a central difference
+    of the (fixed-probe) map itself; it sees the batch statistics' dependence on the weights."""
+    model, (x, y) = cnn64().train(), batch()
+    model.zero_grad()
+    _map_at_3(model, x, y, "hessian", wrt, create=True).sum().backward()
+    grad = model[0].weight.grad.clone()
+    weight, h = model[0].weight, 1e-6
+    for entry in [(0, 0, 1, 1), (1, 2, 0, 2), (3, 1, 2, 0)]:
+        with torch.no_grad():
+            old = weight[entry].item()
+            weight[entry] = old + h
+            up = _map_at_3(model, x, y, "hessian", wrt, create=False).sum().item()
+            weight[entry] = old - h
+            down = _map_at_3(model, x, y, "hessian", wrt, create=False).sum().item()
+            weight[entry] = old
+        fd = (up - down) / (2 * h)
+        assert grad[entry].item() == pytest.approx(fd, rel=1e-5, abs=1e-7 * abs(up))
+
+
 # --------------------------------------------------------------------------- hygiene and errors
 
 
@@ -463,7 +484,7 @@ def test_tangent_convolutions_match_pytorch_jvp_and_its_gradient(
     through the tangent as PyTorch's own formula (strided, padded, grouped)."""
     import torch.autograd.forward_ad as fwAD
 
-    from lightning_layerkd.maps import _TangentConvolutions
+    from lightning_layerkd.maps import _LeanTangents
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -473,7 +494,7 @@ def test_tangent_convolutions_match_pytorch_jvp_and_its_gradient(
     tangents = [torch.randn_like(t) for t in (x, w, b)]
 
     def run(mode: bool) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
-        with fwAD.dual_level(), _TangentConvolutions() if mode else nullcontext():
+        with fwAD.dual_level(), _LeanTangents() if mode else nullcontext():
             args = [
                 fwAD.make_dual(t, v) if flag else t
                 for t, v, flag in zip((x, w, b), tangents, (dual_x, dual_w, dual_b), strict=True)
@@ -487,3 +508,59 @@ def test_tangent_convolutions_match_pytorch_jvp_and_its_gradient(
     torch.testing.assert_close(got[1], expected[1])
     for g, e in zip(got[2], expected[2], strict=True):
         torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_lean_batch_norm_tangent_matches_the_formula_stats_and_gradient(training):
+    """Batch norm's tangent through its backward kernel against the JVP written out by hand:
+    same primal, tangent and reverse-mode gradients (input, tangent, affine weights), and the
+    running statistics of ``F.batch_norm``. (PyTorch 2.14's own forward-mode rule for training
+    mode loses the batch statistics' dependence on the input in reverse mode: its ``d/dx``
+    differs from this formula.)"""
+    import torch.autograd.forward_ad as fwAD
+
+    from lightning_layerkd.maps import _LeanTangents
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    x_t = torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.rand(3, generator=gen, dtype=torch.float64).add(0.5).requires_grad_(True)
+    bias = torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True)
+    scale = torch.arange(75.0, dtype=torch.float64).view(3, 5, 5)
+    eps, momentum = 1e-5, 0.1
+
+    def running() -> tuple[Tensor, Tensor]:
+        return (
+            torch.linspace(-0.5, 0.5, 3, dtype=torch.float64),
+            torch.linspace(0.5, 2.0, 3, dtype=torch.float64),
+        )
+
+    def outputs(primal: Tensor, tangent: Tensor) -> tuple[Tensor, ...]:
+        loss = (tangent.square() * scale).sum() + primal.square().sum()
+        return primal.detach(), tangent.detach(), *torch.autograd.grad(loss, (x, x_t, weight, bias))
+
+    mean, var = running()
+    with fwAD.dual_level(), _LeanTangents():
+        out = F.batch_norm(fwAD.make_dual(x, x_t), mean, var, weight, bias, training, momentum, eps)
+        got = outputs(*fwAD.unpack_dual(out))
+
+    # by hand: y = w * xhat + b; y_t = w * d(xhat) (batch statistics follow x in training)
+    dims = (0, 2, 3)
+    if training:
+        mu = x.mean(dims, keepdim=True)
+        inv = (x.var(dims, unbiased=False, keepdim=True) + eps).rsqrt()
+        xhat = (x - mu) * inv
+        t_hat = x_t - x_t.mean(dims, keepdim=True) - xhat * (x_t * xhat).mean(dims, keepdim=True)
+        t_hat = t_hat * inv
+    else:
+        m0, v0 = running()
+        inv = (v0 + eps).rsqrt().view(1, -1, 1, 1)
+        xhat, t_hat = (x - m0.view(1, -1, 1, 1)) * inv, x_t * inv
+    w, b = weight.view(1, -1, 1, 1), bias.view(1, -1, 1, 1)
+    expected = outputs(xhat * w + b, t_hat * w)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
+    expected_mean, expected_var = running()
+    F.batch_norm(x.detach(), expected_mean, expected_var, None, None, training, momentum, eps)
+    torch.testing.assert_close(mean, expected_mean)
+    torch.testing.assert_close(var, expected_var)
