@@ -111,8 +111,8 @@ def plot_curves(runs: list[dict[str, Any]], path: Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``layerkd-report DIR``: print the table (markdown), write ``table1.csv`` and
-    ``curves.png`` into DIR (or ``--out``)."""
+    """``layerkd-report DIR``: print the table (markdown); write ``table1.md``, ``table1.csv``,
+    ``curves.png`` and ``runs.json`` (every run's results) into DIR (or ``--out``)."""
     parser = argparse.ArgumentParser(prog="layerkd-report", description=main.__doc__)
     parser.add_argument("directory", type=Path, help="a layerkd-train output or multirun dir")
     parser.add_argument("--out", type=Path, default=None, help="where to write csv and png")
@@ -121,11 +121,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = args.out or args.directory
     out.mkdir(parents=True, exist_ok=True)
     header, rows = table(runs)
-    print(markdown(header, rows))
+    text = markdown(header, rows)
+    print(text)
+    (out / "table1.md").write_text(text + "\n")
     with open(out / "table1.csv", "w", newline="") as handle:
         csv.writer(handle).writerows([header, *rows])
     png = plot_curves(runs, out / "curves.png")
-    print(f"\nwrote {out / 'table1.csv'} and {png} ({len(runs)} runs)")
+    # every run's results.json in one file, folders relative to DIR: the evidence behind the table
+    for run in runs:
+        run["_dir"] = str(Path(run["_dir"]).relative_to(args.directory))
+    (out / "runs.json").write_text(json.dumps(runs, indent=1))
+    print(f"\nwrote table1.md, table1.csv, {png.name} and runs.json ({len(runs)} runs) to {out}")
 
 
 if __name__ == "__main__":

@@ -320,7 +320,11 @@ def test_multirun_and_report_console_scripts(tmp_path, cache):
     assert "| Attention | Layerwise Update |" in report.stdout
     assert "| Jacobian | Layerwise Update |" in report.stdout
     assert (sweep / "table1.csv").exists()
+    assert (sweep / "table1.md").read_text().startswith("| Method | Learning Rate update |")
     assert (sweep / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    runs = json.loads((sweep / "runs.json").read_text())
+    assert sorted(r["method"] for r in runs) == ["attention", "jacobian"]
+    assert all(not Path(r["_dir"]).is_absolute() for r in runs)
 
 
 def test_report_table_means_and_stds_over_seeds():
