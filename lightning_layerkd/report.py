@@ -57,10 +57,7 @@ def table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
             teachers[run["dataset"]][teacher.get("key", "")] = teacher["val_acc"]
     header = ["Method", "Learning Rate update", *datasets]
     rows = []
-    methods = sorted(
-        {m for m, _ in cells},
-        key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), m),
-    )
+    methods = sorted({m for m, _ in cells}, key=_method_key)
     for method in methods:
         first = True
         for schedule in sorted(
@@ -82,24 +79,50 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _method_key(method: str) -> tuple[int, str]:
+    if method == "none":  # the student alone goes last
+        return (len(METHOD_ORDER) + 1, method)
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
 def plot_curves(runs: list[dict[str, Any]], path: Path) -> Path:
-    """Validation accuracy per epoch for every run, one panel per method (Figure 2 style)."""
+    """Validation accuracy per epoch, one panel per (dataset, method) and one line per schedule:
+    the mean over seeds with a band of one standard deviation (Figure 2 style)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = sorted({run["method"] for run in runs})
-    fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 4), squeeze=False)
-    for ax, method in zip(axes[0], methods, strict=True):
-        for run in (r for r in runs if r["method"] == method):
-            history = run["student"]["history"]
-            epochs = [row["epoch"] + 1 for row in history]
-            accs = [100 * row.get("val/acc", math.nan) for row in history]
-            seed = run.get("config", {}).get("seed", "")
-            label = f"{SCHEDULE_LABELS.get(run['schedule'], run['schedule'])} (seed {seed})"
-            ax.plot(epochs, accs, marker="o", markersize=3, label=label)
-        ax.set_title("student alone" if method == "none" else method)
+    curves: dict[tuple[str, str], dict[str, list[dict[int, float]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for run in runs:
+        accs = {
+            row["epoch"] + 1: 100 * row["val/acc"]
+            for row in run["student"]["history"]
+            if row.get("val/acc") is not None
+        }
+        curves[run.get("dataset", ""), run["method"]][run["schedule"]].append(accs)
+    panels = sorted(curves, key=lambda k: (k[0], _method_key(k[1])))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, (dataset, method) in zip(axes[0], panels, strict=True):
+        schedules = sorted(
+            curves[dataset, method],
+            key=lambda s: list(SCHEDULE_LABELS).index(s) if s in SCHEDULE_LABELS else 99,
+        )
+        for schedule in schedules:
+            seeds = curves[dataset, method][schedule]
+            epochs = sorted(set().union(*seeds))
+            values = [[acc[e] for acc in seeds if e in acc] for e in epochs]
+            mean = [statistics.mean(v) for v in values]
+            std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+            label = f"{SCHEDULE_LABELS.get(schedule, schedule)} (n={len(seeds)})"
+            (line,) = ax.plot(epochs, mean, marker="o", markersize=3, label=label)
+            low = [m - d for m, d in zip(mean, std, strict=True)]
+            high = [m + d for m, d in zip(mean, std, strict=True)]
+            ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.15)
+        name = "student alone" if method == "none" else method.replace("_", " ")
+        ax.set_title(f"{dataset}: {name}" if dataset else name)
         ax.set_xlabel("epoch")
         ax.set_ylabel("validation accuracy (%)")
         ax.grid(alpha=0.3)
