@@ -564,3 +564,35 @@ def test_lean_batch_norm_tangent_matches_the_formula_stats_and_gradient(training
     F.batch_norm(x.detach(), expected_mean, expected_var, None, None, training, momentum, eps)
     torch.testing.assert_close(mean, expected_mean)
     torch.testing.assert_close(var, expected_var)
+
+
+def test_lean_batch_norm_output_takes_in_place_ops_without_copy_slices():
+    """An in-place ReLU after batch norm (as in torchvision's ResNets) must not put a
+    CopySlices node into the reverse graph of the dual output, and must give the gradient of
+    the out-of-place network."""
+    import torch.autograd.forward_ad as fwAD
+
+    from lightning_layerkd.maps import _LeanTangents
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    x_t = torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64)
+
+    def run(inplace: bool) -> tuple[set[str], Tensor]:
+        with fwAD.dual_level(), _LeanTangents():
+            out = F.relu(F.batch_norm(fwAD.make_dual(x, x_t), None, None, training=True), inplace)
+            primal, tangent = fwAD.unpack_dual(out)
+        loss = tangent.square().sum() + primal.sum()
+        names, stack, seen = set(), [loss.grad_fn], set()
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            names.add(node.name())
+            stack.extend(next_node for next_node, _ in node.next_functions)
+        return names, torch.autograd.grad(loss, x)[0]
+
+    names, grad = run(inplace=True)
+    assert not any("CopySlices" in name for name in names), sorted(names)
+    torch.testing.assert_close(grad, run(inplace=False)[1])
