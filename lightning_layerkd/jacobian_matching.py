@@ -23,6 +23,7 @@ need autograd and so fail under ``torch.inference_mode()`` (they do work under `
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_layerkd.layers import FeatureHooks, resolve_module
+from lightning_layerkd.maps import _LeanAutograd, _requesting
 
 __all__ = [
     "PixelJacobian",
@@ -339,9 +341,11 @@ def layer_jacobians(
             f"the teacher has {len(teacher.pixels)} hooked layers, this model "
             f"{len(hooks.modules)}; pair them one to one"
         )
+    # the student's Jacobians are differentiated again: convolutions with a native double backward
+    lean = _LeanAutograd(tangents=False, double_backward=True) if create_graph else nullcontext()
     with torch.enable_grad():
         x = _leaf(x)
-        with hooks.record() as recording:
+        with hooks.record() as recording, lean:
             logits = _check_logits(model(x))
             features = hooks.outputs(recording)
         c = _classes(logits, target)
@@ -353,15 +357,16 @@ def layer_jacobians(
             )
             scalars.append(picked)
             chosen.append((index, pooled))
-        jacobians = [
-            torch.autograd.grad(
-                scalar,
-                x,
-                create_graph=create_graph,
-                retain_graph=create_graph or k < len(scalars) - 1,
-            )[0]
-            for k, scalar in enumerate(scalars)
-        ]
+        with _requesting([x]):
+            jacobians = [
+                torch.autograd.grad(
+                    scalar,
+                    x,
+                    create_graph=create_graph,
+                    retain_graph=create_graph or k < len(scalars) - 1,
+                )[0]
+                for k, scalar in enumerate(scalars)
+            ]
     out_logits = logits if create_graph else logits.detach()
     pixels = [
         PixelJacobian(logits=out_logits, jacobian=j, pixel=index, pooled=pooled)

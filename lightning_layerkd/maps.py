@@ -11,12 +11,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from typing import Any, Literal
 
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
@@ -177,8 +179,10 @@ _CONVOLUTIONS = (F.conv1d, F.conv2d, F.conv3d)
 _BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
 
 
-class _LeanTangents(TorchFunctionMode):
-    """Cheaper forward-mode rules for convolutions and batch norm (same values, same graph).
+class _LeanAutograd(TorchFunctionMode):
+    """Cheaper autograd rules for convolutions and batch norm (same values, same gradients).
+
+    With ``tangents`` (forward-mode passes):
 
     * Convolution: PyTorch's JVP is ``conv(x_t, W) + conv(x, W_t)`` with an absent tangent filled
       by zeros, so every layer pays three convolutions where one or two do (the frozen layers'
@@ -189,19 +193,182 @@ class _LeanTangents(TorchFunctionMode):
       composite formula (about four times the cost). The output is a fresh tensor, not a view,
       so in-place ops after it stay cheap in reverse mode.
 
+    With ``double_backward`` (the student's map pass, whose gradient is backpropagated again):
+    convolutions record :class:`_Convolution`, whose double backward runs the native forward and
+    backward kernels. PyTorch's own computes the weight-gradient term as a convolution of
+    transposed tensors, 2-3 times slower on CPU.
+
     The tangents are built from ordinary differentiable ops, so reverse mode through them (the
     student's map loss) is unchanged.
     """
 
+    def __init__(self, *, tangents: bool, double_backward: bool) -> None:
+        super().__init__()
+        self.tangents, self.double_backward = tangents, double_backward
+
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         if func in _CONVOLUTIONS and not kwargs and len(args) >= 2:
-            return _convolution_jvp(func, *args)
-        if func is F.batch_norm:  # dispatched as (input, mean, var) plus keywords
+            conv = partial(_convolution, func) if self.double_backward else func
+            return _convolution_jvp(conv, *args) if self.tangents else conv(*args)
+        if func is F.batch_norm and self.tangents:  # dispatched as (input, mean, var) + keywords
             bound = _BATCH_NORM_SIGNATURE.bind(*args, **kwargs)
             bound.apply_defaults()
             return _batch_norm_jvp(func, *bound.args)
         return func(*args, **kwargs)
+
+
+def _convolution(
+    func: Any,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: Any = 1,
+    padding: Any = 0,
+    dilation: Any = 1,
+    groups: int = 1,
+) -> Tensor:
+    """``func(x, weight, ...)`` through :class:`_Convolution` where it applies (batched input,
+    numeric padding, no autocast, grad mode on); otherwise ``func`` itself."""
+    nd = _CONVOLUTIONS.index(func) + 1
+    if (
+        isinstance(padding, str)
+        or x.dim() != nd + 2
+        or not torch.is_grad_enabled()
+        or torch.is_autocast_enabled(x.device.type)
+    ):
+        return func(x, weight, bias, stride, padding, dilation, groups)
+    params = tuple(_ntuple(v, nd) for v in (stride, padding, dilation))
+    return _Convolution.apply(x, weight, bias, *params, groups)
+
+
+#: ids of the leaf tensors the running ``torch.autograd.grad`` call asks for (``_requesting``);
+#: a custom backward cannot ask the engine whether a leaf's gradient is needed there.
+_REQUESTED_LEAVES: set[int] | None = None
+
+
+@contextmanager
+def _requesting(tensors: Sequence[Tensor]) -> Iterator[None]:
+    global _REQUESTED_LEAVES
+    previous, _REQUESTED_LEAVES = _REQUESTED_LEAVES, {id(t) for t in tensors}
+    try:
+        yield
+    finally:
+        _REQUESTED_LEAVES = previous
+
+
+def _needed(ctx: Any, index: int) -> bool:
+    """Whether the running backward needs the gradient of input ``index`` (as PyTorch's own
+    convolution asks the engine), so that a gradient w.r.t. four layers' weights does not
+    compute every layer's weight gradient."""
+    if not ctx.needs_input_grad[index]:
+        return False
+    node = ctx.next_functions[index][0]
+    if node is None:
+        return False
+    if (
+        _REQUESTED_LEAVES is not None
+        and ctx.input_ids[index] is not None
+        and node.name() == ("torch::autograd::AccumulateGrad")
+    ):
+        return ctx.input_ids[index] in _REQUESTED_LEAVES
+    try:
+        return bool(torch._C._will_engine_execute_node(node))
+    except RuntimeError:  # a leaf inside another autograd.grad call: compute it
+        return True
+
+
+def _ntuple(value: Any, n: int) -> list[int]:
+    return [int(v) for v in value] if isinstance(value, (tuple, list)) else [int(value)] * n
+
+
+class _Convolution(torch.autograd.Function):
+    """A convolution whose backward, :class:`_ConvolutionBackward`, is itself differentiable
+    through native kernels (used where the gradient is backpropagated again)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        stride: list[int],
+        padding: list[int],
+        dilation: list[int],
+        groups: int,
+    ) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.params = (stride, padding, dilation, groups, bias is not None)
+        ctx.input_ids = (id(x), id(weight), None if bias is None else id(bias))
+        return torch.ops.aten.convolution(
+            x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups
+        )
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        mask = (_needed(ctx, 0), _needed(ctx, 1), ctx.params[4] and _needed(ctx, 2))
+        grads = _ConvolutionBackward.apply(grad_out, x, weight, ctx.params, mask)
+        return (*grads, None, None, None, None)
+
+
+class _ConvolutionBackward(torch.autograd.Function):
+    """``(dx, dW, db)`` of a convolution from the output gradient ``g``, and its backward.
+
+    ``dx = conv_transpose(g, W)`` and ``dW = corr(x, g)`` are bilinear, so the backward of
+    ``<ggx, dx> + <ggW, dW> + <ggb, db>`` is: ``d/dg = conv(ggx, W) + conv(x, ggW) + ggb``,
+    ``d/dx`` = the input gradient of ``conv(., ggW)`` at ``g``, ``d/dW`` = the weight gradient of
+    ``conv(ggx, .)`` at ``g``: two forward and two backward kernels at most.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, grad_out: Tensor, x: Tensor, weight: Tensor, params: tuple, mask: tuple
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        stride, padding, dilation, groups, has_bias = params
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(grad_out, x, weight)
+        ctx.params = params
+        ctx.input_ids = (None, id(x), id(weight))
+        out_pad = [0] * len(stride)
+        bias_sizes = [weight.shape[0]] if has_bias else None
+        dx, dw, db = torch.ops.aten.convolution_backward(
+            grad_out, x, weight, bias_sizes, stride, padding, dilation, False, out_pad, groups,
+            list(mask),
+        )  # fmt: skip
+        return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None)
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: Any, ggx: Tensor | None, ggw: Tensor | None, ggb: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        grad_out, x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups, _ = ctx.params
+        conv_args = (stride, padding, dilation, False, [0] * len(stride), groups)
+        need_g, need_x, need_w = (_needed(ctx, i) for i in range(3))
+        d_g = d_x = d_w = None
+        if need_g:
+            terms = []
+            if ggx is not None:
+                terms.append(torch.ops.aten.convolution(ggx, weight, None, *conv_args))
+            if ggw is not None:
+                terms.append(torch.ops.aten.convolution(x, ggw, None, *conv_args))
+            if ggb is not None:
+                terms.append(ggb.view(1, -1, *([1] * len(stride))).expand_as(grad_out))
+            if terms:
+                d_g = terms[0]
+                for term in terms[1:]:
+                    d_g = d_g + term
+        if need_x and ggw is not None:
+            d_x = torch.ops.aten.convolution_backward(
+                grad_out, x, ggw, None, *conv_args, [True, False, False]
+            )[0]
+        if need_w and ggx is not None:
+            d_w = torch.ops.aten.convolution_backward(
+                grad_out, ggx, weight, None, *conv_args, [False, True, False]
+            )[1]
+        return d_g, d_x, d_w, None, None
 
 
 def _convolution_jvp(
@@ -363,9 +530,13 @@ def _derivative_pass(
 ) -> tuple[Tensor, list[Tensor]]:
     """Forward once; return logits and the gradients (Jacobian) or probe products (Hessian)."""
     dual = fwAD.dual_level() if probe is not None else nullcontext()
-    lean_tangents = _LeanTangents() if probe is not None else nullcontext()
+    lean = (
+        _LeanAutograd(tangents=probe is not None, double_backward=create_graph)
+        if probe is not None or create_graph
+        else nullcontext()
+    )
     with hooks.record(probe, generator) as recording:
-        with dual, lean_tangents:
+        with dual, lean:
             out = model(x)
             logits, tangent = fwAD.unpack_dual(out) if probe is not None else (out, None)
         # The reverse pass runs after the dual level has closed: inside it, every backward op
@@ -375,15 +546,17 @@ def _derivative_pass(
         y = default_target(logits.detach(), task) if target is None else target
         if method == "jacobian":
             s = score(logits, y, task).sum()  # sum_i s_i
-            grads = torch.autograd.grad(s, wrt_tensors, create_graph=create_graph)
+            with _requesting(wrt_tensors):
+                grads = torch.autograd.grad(s, wrt_tensors, create_graph=create_graph)
             return (logits if create_graph else logits.detach()), list(grads)
         if tangent is None:
             raise RuntimeError("the forward pass carried no probe tangent to the logits")
         # Gauss-Newton: H v = J^T H_z (J v); J v is the tangent of the logits (forward mode).
         curvature = _score_curvature(logits, tangent, y, task).to(logits.dtype)
-        hv = torch.autograd.grad(
-            logits, wrt_tensors, grad_outputs=curvature, create_graph=create_graph
-        )
+        with _requesting(wrt_tensors):
+            hv = torch.autograd.grad(
+                logits, wrt_tensors, grad_outputs=curvature, create_graph=create_graph
+            )
         probes = [p for p in recording.probes if p is not None]
         diagonals = [v * h for v, h in zip(probes, hv, strict=True)]  # Hutchinson: v * (H v)
         return (logits if create_graph else logits.detach()), diagonals

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from contextlib import nullcontext
+from functools import partial
 
 import pytest
 import torch
@@ -477,14 +478,15 @@ def test_compute_maps_rejects_invalid_options(kwargs: dict, names: list[str]) ->
         (F.conv1d, (2, 4, 7), True, True, False),
     ],
 )
+@pytest.mark.parametrize("double_backward", [False, True])
 def test_tangent_convolutions_match_pytorch_jvp_and_its_gradient(
-    conv, shape, dual_x, dual_w, dual_b
+    conv, shape, dual_x, dual_w, dual_b, double_backward
 ):
     """The zero-skipping convolution JVP: same primal, same tangent, same reverse-mode gradient
     through the tangent as PyTorch's own formula (strided, padded, grouped)."""
     import torch.autograd.forward_ad as fwAD
 
-    from lightning_layerkd.maps import _LeanTangents
+    from lightning_layerkd.maps import _LeanAutograd
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -494,7 +496,8 @@ def test_tangent_convolutions_match_pytorch_jvp_and_its_gradient(
     tangents = [torch.randn_like(t) for t in (x, w, b)]
 
     def run(mode: bool) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
-        with fwAD.dual_level(), _LeanTangents() if mode else nullcontext():
+        lean = _LeanAutograd(tangents=True, double_backward=double_backward)
+        with fwAD.dual_level(), lean if mode else nullcontext():
             args = [
                 fwAD.make_dual(t, v) if flag else t
                 for t, v, flag in zip((x, w, b), tangents, (dual_x, dual_w, dual_b), strict=True)
@@ -519,7 +522,7 @@ def test_lean_batch_norm_tangent_matches_the_formula_stats_and_gradient(training
     differs from this formula.)"""
     import torch.autograd.forward_ad as fwAD
 
-    from lightning_layerkd.maps import _LeanTangents
+    from lightning_layerkd.maps import _LeanAutograd
 
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -540,7 +543,7 @@ def test_lean_batch_norm_tangent_matches_the_formula_stats_and_gradient(training
         return primal.detach(), tangent.detach(), *torch.autograd.grad(loss, (x, x_t, weight, bias))
 
     mean, var = running()
-    with fwAD.dual_level(), _LeanTangents():
+    with fwAD.dual_level(), _LeanAutograd(tangents=True, double_backward=False):
         out = F.batch_norm(fwAD.make_dual(x, x_t), mean, var, weight, bias, training, momentum, eps)
         got = outputs(*fwAD.unpack_dual(out))
 
@@ -572,14 +575,14 @@ def test_lean_batch_norm_output_takes_in_place_ops_without_copy_slices():
     the out-of-place network."""
     import torch.autograd.forward_ad as fwAD
 
-    from lightning_layerkd.maps import _LeanTangents
+    from lightning_layerkd.maps import _LeanAutograd
 
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     x_t = torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64)
 
     def run(inplace: bool) -> tuple[set[str], Tensor]:
-        with fwAD.dual_level(), _LeanTangents():
+        with fwAD.dual_level(), _LeanAutograd(tangents=True, double_backward=False):
             out = F.relu(F.batch_norm(fwAD.make_dual(x, x_t), None, None, training=True), inplace)
             primal, tangent = fwAD.unpack_dual(out)
         loss = tangent.square().sum() + primal.sum()
@@ -596,3 +599,49 @@ def test_lean_batch_norm_output_takes_in_place_ops_without_copy_slices():
     names, grad = run(inplace=True)
     assert not any("CopySlices" in name for name in names), sorted(names)
     torch.testing.assert_close(grad, run(inplace=False)[1])
+
+
+@pytest.mark.parametrize(
+    ("conv", "shape", "stride", "padding", "dilation", "groups", "bias"),
+    [
+        (F.conv2d, (2, 4, 7, 7), 1, 1, 1, 1, False),
+        (F.conv2d, (2, 4, 7, 7), 2, (1, 2), 1, 2, True),
+        (F.conv2d, (2, 4, 8, 8), 1, 2, 2, 1, True),
+        (F.conv1d, (2, 4, 9), 2, 1, 1, 1, True),
+        (F.conv3d, (1, 2, 4, 4, 4), 1, 1, 1, 1, False),
+    ],
+)
+def test_native_double_backward_convolution_matches_pytorch(
+    conv, shape, stride, padding, dilation, groups, bias
+):
+    """The convolution recorded under ``double_backward``: same output, first and second
+    derivatives as PyTorch's convolution (a gradient of a gradient w.r.t. input, weight, bias and
+    the output gradient), and ``gradgradcheck`` against finite differences."""
+    from lightning_layerkd.maps import _convolution
+
+    gen = torch.Generator().manual_seed(3)
+    dims = len(shape) - 2
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, shape[1] // groups, *([3] * dims), generator=gen, dtype=torch.float64)
+    w.requires_grad_(True)
+    b = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True) if bias else None
+    inputs = (x, w) if b is None else (x, w, b)
+    params = (stride, padding, dilation, groups)
+
+    def derivatives(fn) -> tuple[Tensor, ...]:
+        out = fn(x, w, b, *params)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=out.dtype)
+        g.requires_grad_(True)
+        first = torch.autograd.grad(out, inputs, g, create_graph=True)
+        # a loss on the first derivatives, differentiated again (what a map loss does)
+        loss = sum((d.square() * (k + 1)).sum() for k, d in enumerate(first)) + out.sum()
+        second = torch.autograd.grad(loss, (*inputs, g))
+        return (out.detach(), *(d.detach() for d in first), *second)
+
+    expected = derivatives(conv)
+    got = derivatives(partial(_convolution, conv))
+    for e, o in zip(expected, got, strict=True):
+        torch.testing.assert_close(o, e)
+    assert torch.autograd.gradgradcheck(
+        lambda *t: _convolution(conv, t[0], t[1], t[2] if bias else None, *params), inputs
+    )
