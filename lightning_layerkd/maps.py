@@ -196,7 +196,7 @@ class _LeanAutograd(TorchFunctionMode):
     With ``double_backward`` (the student's map pass, whose gradient is backpropagated again):
     convolutions record :class:`_Convolution`, whose double backward runs the native forward and
     backward kernels. PyTorch's own computes the weight-gradient term as a convolution of
-    transposed tensors, 2-3 times slower on CPU.
+    transposed tensors, 1.5-2.7 times slower on CPU (ResNet layer shapes, batch 32).
 
     The tangents are built from ordinary differentiable ops, so reverse mode through them (the
     student's map loss) is unchanged.
