@@ -272,8 +272,11 @@ def _needed(ctx: Any, index: int) -> bool:
         and node.name() == ("torch::autograd::AccumulateGrad")
     ):
         return ctx.input_ids[index] in _REQUESTED_LEAVES
+    will_execute = getattr(torch._C, "_will_engine_execute_node", None)  # private engine query
+    if will_execute is None:
+        return True
     try:
-        return bool(torch._C._will_engine_execute_node(node))
+        return bool(will_execute(node))
     except RuntimeError:  # a leaf inside another autograd.grad call: compute it
         return True
 
