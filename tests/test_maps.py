@@ -645,3 +645,32 @@ def test_native_double_backward_convolution_matches_pytorch(
     assert torch.autograd.gradgradcheck(
         lambda *t: _convolution(conv, t[0], t[1], t[2] if bias else None, *params), inputs
     )
+
+
+def test_native_double_backward_computes_only_the_requested_gradients():
+    """Asked for the input's gradient only, the recorded convolutions run no weight-gradient
+    kernel (PyTorch's own convolution prunes the same way); ``backward()`` computes all."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lightning_layerkd.maps import _LeanAutograd, _requesting
+
+    masks: list[tuple[bool, ...]] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func is torch.ops.aten.convolution_backward.default:
+                masks.append(tuple(args[-1]))
+            return func(*args, **(kwargs or {}))
+
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 2, 3))
+    x = torch.randn(2, 2, 8, 8, requires_grad=True)
+    with _LeanAutograd(tangents=False, double_backward=True):
+        out = model(x)
+    with _requesting([x]), Record():
+        (gx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    assert masks == [(True, False, False)] * 2
+    masks.clear()
+    with Record():
+        gx.square().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert (False, True, False) in masks  # the weight term of the double backward
