@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_layerkd.layers import FeatureHooks, resolve_module
-from lightning_layerkd.maps import _LeanAutograd, _requesting
+from lightning_layerkd.maps import _grad, _LeanAutograd
 
 __all__ = [
     "PixelJacobian",
@@ -357,16 +357,15 @@ def layer_jacobians(
             )
             scalars.append(picked)
             chosen.append((index, pooled))
-        with _requesting([x]):
-            jacobians = [
-                torch.autograd.grad(
-                    scalar,
-                    x,
-                    create_graph=create_graph,
-                    retain_graph=create_graph or k < len(scalars) - 1,
-                )[0]
-                for k, scalar in enumerate(scalars)
-            ]
+        jacobians = [
+            _grad(
+                scalar,
+                [x],
+                create_graph=create_graph,
+                retain_graph=create_graph or k < len(scalars) - 1,
+            )[0]
+            for k, scalar in enumerate(scalars)
+        ]
     out_logits = logits if create_graph else logits.detach()
     pixels = [
         PixelJacobian(logits=out_logits, jacobian=j, pixel=index, pooled=pooled)

@@ -242,17 +242,17 @@ def _convolution(
     return _Convolution.apply(x, weight, bias, *params, groups)
 
 
-#: ids of the leaf tensors the running ``torch.autograd.grad`` call asks for (``_requesting``);
+#: ids of the leaf tensors the running ``torch.autograd.grad`` call asks for (``_grad``);
 #: a custom backward cannot ask the engine whether a leaf's gradient is needed there.
 _REQUESTED_LEAVES: set[int] | None = None
 
 
-@contextmanager
-def _requesting(tensors: Sequence[Tensor]) -> Iterator[None]:
+def _grad(outputs: Tensor, inputs: Sequence[Tensor], **options: Any) -> tuple[Tensor, ...]:
+    """``torch.autograd.grad`` that tells :class:`_Convolution` which leaves it asks for."""
     global _REQUESTED_LEAVES
-    previous, _REQUESTED_LEAVES = _REQUESTED_LEAVES, {id(t) for t in tensors}
+    previous, _REQUESTED_LEAVES = _REQUESTED_LEAVES, {id(t) for t in inputs}
     try:
-        yield
+        return torch.autograd.grad(outputs, inputs, **options)
     finally:
         _REQUESTED_LEAVES = previous
 
@@ -269,7 +269,7 @@ def _needed(ctx: Any, index: int) -> bool:
     if (
         _REQUESTED_LEAVES is not None
         and ctx.input_ids[index] is not None
-        and node.name() == ("torch::autograd::AccumulateGrad")
+        and node.name() == "torch::autograd::AccumulateGrad"
     ):
         return ctx.input_ids[index] in _REQUESTED_LEAVES
     will_execute = getattr(torch._C, "_will_engine_execute_node", None)  # private engine query
@@ -549,17 +549,13 @@ def _derivative_pass(
         y = default_target(logits.detach(), task) if target is None else target
         if method == "jacobian":
             s = score(logits, y, task).sum()  # sum_i s_i
-            with _requesting(wrt_tensors):
-                grads = torch.autograd.grad(s, wrt_tensors, create_graph=create_graph)
+            grads = _grad(s, wrt_tensors, create_graph=create_graph)
             return (logits if create_graph else logits.detach()), list(grads)
         if tangent is None:
             raise RuntimeError("the forward pass carried no probe tangent to the logits")
         # Gauss-Newton: H v = J^T H_z (J v); J v is the tangent of the logits (forward mode).
         curvature = _score_curvature(logits, tangent, y, task).to(logits.dtype)
-        with _requesting(wrt_tensors):
-            hv = torch.autograd.grad(
-                logits, wrt_tensors, grad_outputs=curvature, create_graph=create_graph
-            )
+        hv = _grad(logits, wrt_tensors, grad_outputs=curvature, create_graph=create_graph)
         probes = [p for p in recording.probes if p is not None]
         diagonals = [v * h for v, h in zip(probes, hv, strict=True)]  # Hutchinson: v * (H v)
         return (logits if create_graph else logits.detach()), diagonals
