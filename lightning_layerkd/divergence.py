@@ -18,6 +18,17 @@ def _safe_log(x: Tensor) -> Tensor:
     return torch.log(torch.where(x > 0, x, torch.ones_like(x)))
 
 
+def _log_one_plus(r: Tensor, one_plus_r: Tensor) -> Tensor:
+    """``log(1 + r)`` for ``r`` in ``[-1, 1]``, given ``1 + r`` computed directly: ``log1p(r)``
+    near 0 (accurate for nearly equal maps), ``log(1 + r)`` elsewhere (accurate where ``r``
+    rounds to -1 for a tiny ``p``), 0 at ``1 + r = 0`` (the term it multiplies is then 0).
+    Both branches get safe inputs, so the backward stays finite."""
+    near = r > -0.5
+    log1p = torch.log1p(torch.where(near, r, torch.zeros_like(r)))
+    far = torch.where(near | (one_plus_r <= 0), torch.ones_like(one_plus_r), one_plus_r)
+    return torch.where(near, log1p, torch.log(far))
+
+
 def kl_divergence(p: Tensor, q: Tensor, dim: int = -1) -> Tensor:
     """``KL(p || q) = sum p log(p / q)`` along ``dim``, with ``0 log 0 = 0``.
 
@@ -32,7 +43,9 @@ def js_divergence(p: Tensor, q: Tensor, dim: int = -1) -> Tensor:
     ``M = (p + q) / 2`` (eq. 10, beta_1 = beta_2 = 1/2) and
     ``JSD = KL(p || M) / 2 + KL(q || M) / 2`` (eq. 9), reduced along ``dim``.
     Symmetric, zero iff ``p == q``, and in ``[0, ln 2]``. Exact zeros in ``p`` or ``q`` are
-    handled (``0 log 0 = 0``) with a finite backward.
+    handled (``0 log 0 = 0``) with a finite backward. Computed per element as
+    ``(p log1p(r) + q log1p(-r)) / 2`` with ``r = (p - q) / (p + q)``, a form whose terms are
+    never negative, so nearly equal maps give a small non-negative value in float32 too.
 
     Args:
         p: probabilities (non-negative, summing to one along ``dim``).
@@ -52,5 +65,14 @@ def js_divergence(p: Tensor, q: Tensor, dim: int = -1) -> Tensor:
             f"js_divergence needs p and q of the same shape, got {tuple(p.shape)} and "
             f"{tuple(q.shape)}; pool or reshape the maps to a common support first."
         )
-    m = 0.5 * (p + q)  # eq. 10
-    return 0.5 * kl_divergence(p, m, dim) + 0.5 * kl_divergence(q, m, dim)  # eq. 9
+    # Eqs. 9-10 with M = (p + q) / 2 rewritten per element: KL(p || M) has the terms
+    # p log(2p / (p + q)) = p log1p(r) with r = (p - q) / (p + q), and KL(q || M) has
+    # q log1p(-r). Each pair p log1p(r) + q log1p(-r) = (p + q) / 2 * f(r) with f convex and
+    # f(0) = 0, so it is >= 0; the textbook form sums signed terms whose rounding leaves nearly
+    # equal maps below 0 in float32. Rounding can still leave a pair at -1e-15: clamped.
+    total = p + q
+    safe_total = torch.where(total > 0, total, torch.ones_like(total))
+    r = (p - q) / safe_total
+    p_term = p * _log_one_plus(r, 2 * p / safe_total)
+    q_term = q * _log_one_plus(-r, 2 * q / safe_total)
+    return (0.5 * (p_term + q_term).clamp_min(0.0)).sum(dim)  # eq. 9, >= 0 by construction

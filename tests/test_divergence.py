@@ -126,3 +126,37 @@ def test_kl_matches_scipy_entropy(sparse: bool) -> None:
     got = kl_divergence(p, q)
     np.testing.assert_allclose(got.numpy(), entropy(p.numpy(), q.numpy(), axis=-1), atol=1e-10)
     assert float(got.min()) > 1e-3
+
+
+def test_nearly_equal_maps_never_go_negative_in_float32() -> None:
+    """design.md section 4: the textbook form of eqs. 9-10 leaves about a third of nearly equal
+    float32 pairs below 0; this form keeps every value >= 0 and within 1e-3 of SciPy (float64)."""
+    generator = torch.Generator().manual_seed(0)
+    p = torch.rand(1000, 64, generator=generator)
+    p = p / p.sum(1, keepdim=True)
+    q = p * (1 + 1e-4 * torch.randn(p.shape, generator=generator))
+    q = q / q.sum(1, keepdim=True)
+    m = 0.5 * (p + q)
+    textbook = 0.5 * (p * (p / m).log()).sum(1) + 0.5 * (q * (q / m).log()).sum(1)
+    assert (textbook < 0).sum() > 100  # the failure this guards against is real
+    got = js_divergence(p, q)
+    assert (got >= 0).all()
+    want = jensenshannon(p.double().numpy(), q.double().numpy(), axis=1) ** 2
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-3, atol=1e-12)
+
+
+def test_extreme_ratios_keep_value_and_gradient_finite() -> None:
+    """Entries 1e-12 against entries of 1e-2 (a ReLU map's zeros after to_distribution): the
+    value matches SciPy and the gradient is finite (r rounds to -1 there)."""
+    generator = torch.Generator().manual_seed(1)
+    p = torch.rand(50, 64, generator=generator) ** 8
+    p[:, :5] = 1e-12
+    p = (p / p.sum(1, keepdim=True)).requires_grad_(True)
+    q = torch.rand(50, 64, generator=generator)
+    q[:, 5:9] = 1e-12
+    q = q / q.sum(1, keepdim=True)
+    got = js_divergence(p, q)
+    got.sum().backward()
+    assert p.grad is not None and torch.isfinite(p.grad).all()
+    want = jensenshannon(p.detach().double().numpy(), q.double().numpy(), axis=1) ** 2
+    np.testing.assert_allclose(got.detach().double().numpy(), want, rtol=1e-5)
