@@ -13,35 +13,62 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_layerkd.divergence import LN2
+from lightning_layerkd.lr_rules import (
+    PAPER_OPTIONS,
+    RELATIVE_OPTIONS,
+    RULES,
+    Rule,
+    paper_rate,
+    relative_factors,
+)
+
 __all__ = ["LayerwiseLRCallback"]
 
 
 class LayerwiseLRCallback(Callback):
-    """Rescale each crucial layer's learning rate from its accumulated JSD every N epochs.
+    """Rescale each crucial layer's learning rate from its divergence every N epochs.
 
-    Per crucial layer ``j`` (an optimizer param group named ``j``) the callback sums the
+    Per crucial layer ``j`` (an optimizer param group named ``j``) the callback accumulates the
     per-sample divergences that ``training_step`` returns in ``outputs["layer_divergence"][j]``
     over the training batches of an interval (not sanity checks, not validation). At the end of
-    every ``every_n_epochs``-th training epoch (design.md section 5):
+    every ``every_n_epochs``-th training epoch, after the sums and counts are all-reduced over
+    processes (every rank gets the same rates), one of two rules runs.
 
-    1. the sums and counts are all-reduced over processes, so every rank gets the same rates;
-    2. ``A_j = acc_j / epochs_in_interval`` (``reduction="sum"``: eq. 3 sums over the N training
-       samples) or ``acc_j / n_j`` (``reduction="mean"``);
-    3. ``eta_j = gamma * eta_j + (1 - gamma) * A_j`` (eq. 12);
-    4. ``alpha_j = alpha_j / sqrt(eta_j + eps)`` (eq. 11), clamped to ``[min_lr, max_lr]``;
-    5. the factor ``alpha_j' / alpha_j`` is applied to the group's ``lr`` and ``initial_lr``
-       (and OneCycleLR's ``max_lr``/``min_lr`` anchors) and to every scheduler's ``base_lrs``,
-       so chainable (MultiStepLR) and closed-form (LambdaLR, OneCycleLR) schedules keep it.
+    ``rule="relative"`` (default) keeps the paper's intent, a layer whose maps are further from
+    the teacher's learns more slowly, without its scale:
 
-    The rule raises a rate when ``eta_j + eps < 1`` and lowers it otherwise; the applied factor is
-    logged as ``layerwise/factor/<layer>``, next to ``layerwise/lr``, ``layerwise/eta`` and
-    ``layerwise/divergence`` (``A_j``). A non-finite ``A_j`` skips that layer with a warning.
+    1. ``D_j`` = the interval's mean per-sample divergence ``/ ln 2`` (in ``[0, 1]`` for JSD);
+    2. ``eta_j = gamma * eta_j + (1 - gamma) * D_j`` (eq. 12), bias-corrected
+       ``eta_hat_j = eta_j / (1 - gamma ** t)`` at the layer's ``t``-th update (as Adam does);
+    3. ``r_j = eta_hat_j / geometric_mean_k(eta_hat_k)`` (one layer: its first ``eta_hat``);
+    4. ``factor_j = clip(r_j ** power, 1 / max_factor, max_factor)`` (eq. 11 has ``power=-0.5``);
+    5. the factor replaces the previous one (no compounding), so the rates stay within
+       ``max_factor`` of what the scheduler alone gives and their geometric mean is kept.
+
+    The result does not depend on the dataset size, batch size, interval length or the method's
+    divergence level. A layer whose ``D_j`` is below ``noise_floor`` (a map that carries no
+    signal) or not finite keeps factor 1, is left out of the geometric mean, and is warned
+    about once.
+
+    ``rule="paper"`` is eqs. 3, 11, 12 as written, for reproduction: ``A_j`` = the interval's
+    per-epoch sum of per-sample divergences (``reduction="sum"``, eq. 3) or their mean
+    (``"mean"``); ``eta_j = gamma * eta_j + (1 - gamma) * A_j`` (eq. 12);
+    ``alpha_j = alpha_j / sqrt(eta_j + eps)`` (eq. 11), compounding, clamped to
+    ``[min_lr, max_lr]``. It has no scale: with ``"sum"`` ``eta_j`` grows with the dataset and
+    the crucial layers' rates shrink at every update (on CIFAR-10 with 5,000 images they end
+    near 1e-8); with ``"mean"`` ``eta_j < 1`` and the rates grow at every update.
+
+    Either rule multiplies the group's ``lr`` and ``initial_lr`` (and OneCycleLR's ``max_lr`` /
+    ``min_lr`` anchors) and every scheduler's ``base_lrs`` by the change of factor, so chainable
+    (MultiStepLR) and closed-form (LambdaLR, OneCycleLR) schedules keep it. Logged per layer:
+    ``layerwise/lr``, ``layerwise/eta`` (``eta_hat`` for "relative"), ``layerwise/divergence``
+    (``D_j`` or ``A_j``) and ``layerwise/factor`` (the factor in force for "relative", the
+    update's multiplier for "paper").
 
     The update runs when the last training batch of the epoch ends: after Lightning has stepped
-    that epoch's schedulers (so ``alpha_j`` is the rate the next epoch would use), before
-    validation and checkpointing, so a run resumed from any end-of-epoch checkpoint follows the
-    same learning rates as one that was not interrupted. ``min_lr``/``max_lr`` bound the rate
-    set by the update; a closed-form scheduler may later move it by its own schedule.
+    that epoch's schedulers, before validation and checkpointing, so a run resumed from any
+    end-of-epoch checkpoint follows the same learning rates as one that was not interrupted.
 
     Works with any LightningModule whose param groups carry ``"name"`` and whose
     ``training_step`` returns ``{"loss": ..., "layer_divergence": {name: per-sample JSD}}``,
@@ -50,17 +77,27 @@ class LayerwiseLRCallback(Callback):
     Args:
         every_n_epochs: update interval in epochs (the paper: 25).
         gamma: the momentum of eq. 12, in (0, 1).
-        eps: the constant of eq. 11.
-        eta_init: ``eta_j`` before the first update.
-        reduction: ``"sum"`` (the paper) or ``"mean"``, see step 2.
-        min_lr: lower clamp of the new rate.
-        max_lr: upper clamp of the new rate (``None``: no upper clamp).
+        rule: ``"relative"`` or ``"paper"``, see above.
+        power: exponent of the relative ratio (``-0.5`` as in eq. 11; ``+0.5`` lets the layers
+            further from the teacher learn faster). "relative" only.
+        max_factor: the factors lie in ``[1 / max_factor, max_factor]``. "relative" only.
+        noise_floor: ``D_j`` below this leaves layer ``j`` at factor 1. "relative" only.
+        eps: the constant of eq. 11. "paper" only.
+        eta_init: ``eta_j`` before the first update. "paper" only (bias correction makes the
+            relative rule independent of it).
+        reduction: ``"sum"`` (the paper) or ``"mean"``. "paper" only.
+        min_lr: lower clamp of the new rate. "paper" only.
+        max_lr: upper clamp of the new rate (``None``: no upper clamp). "paper" only.
     """
 
     def __init__(
         self,
         every_n_epochs: int = 25,
         gamma: float = 0.9,
+        rule: Rule = "relative",
+        power: float = -0.5,
+        max_factor: float = 4.0,
+        noise_floor: float = 1e-6,
         eps: float = 1e-8,
         eta_init: float = 0.0,
         reduction: Literal["sum", "mean"] = "sum",
@@ -71,6 +108,16 @@ class LayerwiseLRCallback(Callback):
             raise ValueError(f"every_n_epochs must be a positive integer, got {every_n_epochs!r}")
         if not 0.0 < gamma < 1.0:
             raise ValueError(f"gamma must lie in (0, 1) (eq. 12), got {gamma}")
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {list(RULES)}, got {rule!r}")
+        if not math.isfinite(power):
+            raise ValueError(f"power must be a finite number, got {power}")
+        if not max_factor >= 1.0:
+            raise ValueError(
+                f"max_factor must be at least 1 (factors lie in [1/m, m]), got {max_factor}"
+            )
+        if not noise_floor >= 0.0:
+            raise ValueError(f"noise_floor must be non-negative, got {noise_floor}")
         if eps <= 0:
             raise ValueError(f"eps must be positive (eq. 11), got {eps}")
         if eta_init < 0:
@@ -79,24 +126,46 @@ class LayerwiseLRCallback(Callback):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         if min_lr < 0 or (max_lr is not None and max_lr < min_lr):
             raise ValueError(f"need 0 <= min_lr <= max_lr, got min_lr={min_lr}, max_lr={max_lr}")
+        given = dict(eps=eps, eta_init=eta_init, reduction=reduction, min_lr=min_lr, max_lr=max_lr)
+        given_relative = dict(power=power, max_factor=max_factor, noise_floor=noise_floor)
+        other, other_rule = (given, "paper") if rule == "relative" else (given_relative, "relative")
+        defaults = PAPER_OPTIONS if rule == "relative" else RELATIVE_OPTIONS
+        unused = sorted(k for k, v in other.items() if v != defaults[k])
+        if unused:
+            raise ValueError(
+                f"{unused} only apply to rule={other_rule!r}, but rule={rule!r}; pass "
+                f"rule={other_rule!r} or leave them out"
+            )
         self.every_n_epochs = every_n_epochs
         self.gamma = gamma
+        self.rule = rule
+        self.power = power
+        self.max_factor = max_factor
+        self.noise_floor = noise_floor
         self.eps = eps
         self.eta_init = eta_init
         self.reduction = reduction
         self.min_lr = min_lr
         self.max_lr = max_lr
-        self.eta: dict[str, float] = {}
+        self.eta: dict[str, float] = {}  # eq. 12's eta_j (the raw moving average)
+        self.updates: dict[str, int] = {}  # t of the bias correction, per layer
+        self.reference: dict[str, float] = {}  # each layer's first eta_hat (one-layer case)
+        self.factor: dict[str, float] = {}  # the relative factor in force, per layer
         self._sum: dict[str, Tensor | float] = {}
         self._count: dict[str, int] = {}
         self._epochs_in_interval = 0
         self._last_epoch_ended = -1
+        self._warned: set[tuple[str, str]] = set()
         self.history: list[dict[str, Any]] = []
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(
-            every_n_epochs=self.every_n_epochs, gamma=self.gamma, reduction=self.reduction
+            every_n_epochs=self.every_n_epochs,
+            gamma=self.gamma,
+            rule=self.rule,
+            power=self.power,
+            reduction=self.reduction,
         )
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -112,6 +181,20 @@ class LayerwiseLRCallback(Callback):
             raise ValueError(
                 "LayerwiseLRCallback needs optimizer param groups with a 'name' key, one per "
                 "crucial layer (DistillationModule.configure_optimizers builds them)"
+            )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        batches = trainer.num_training_batches
+        max_steps = trainer.max_steps
+        if max_steps is None or max_steps < 0 or not isinstance(batches, int) or batches <= 0:
+            return
+        steps_per_epoch = math.ceil(batches / max(1, trainer.accumulate_grad_batches))
+        first_update = self.every_n_epochs * steps_per_epoch
+        if max_steps - trainer.global_step < first_update - trainer.current_epoch * steps_per_epoch:
+            rank_zero_warn(
+                f"LayerwiseLRCallback(every_n_epochs={self.every_n_epochs}) will not update: "
+                f"max_steps={max_steps} ends before the end of epoch {self.every_n_epochs} "
+                f"({steps_per_epoch} steps an epoch); lower every_n_epochs or raise max_steps"
             )
 
     def on_train_batch_end(
@@ -152,7 +235,7 @@ class LayerwiseLRCallback(Callback):
         if self._last_epoch_ended != trainer.current_epoch:
             self._end_epoch(trainer, pl_module)
 
-    # ------------------------------------------------------------------ the rule
+    # ------------------------------------------------------------------ the rules
     def _end_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_epoch_ended = trainer.current_epoch
         self._epochs_in_interval += 1
@@ -161,7 +244,13 @@ class LayerwiseLRCallback(Callback):
         for name, lr in self._current_lrs(trainer).items():
             _log(pl_module, "lr", name, lr)
             if name in self._count or name in self.eta:  # crucial layers: eta every epoch too
-                _log(pl_module, "eta", name, self.eta.get(name, self.eta_init))
+                _log(pl_module, "eta", name, self._eta_logged(name))
+
+    def _eta_logged(self, name: str) -> float:
+        if self.rule == "paper":
+            return self.eta.get(name, self.eta_init)
+        t = self.updates.get(name, 0)
+        return self.eta[name] / (1 - self.gamma**t) if t else 0.0
 
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         names = sorted(self._sum)
@@ -172,14 +261,72 @@ class LayerwiseLRCallback(Callback):
             dtype=dtype,
             device=device,
         ).reshape(-1, 2)
-        stats = trainer.strategy.reduce(stats, reduce_op="sum")  # step 1: all ranks agree
+        stats = trainer.strategy.reduce(stats, reduce_op="sum")  # all ranks agree
+        totals = {
+            name: (acc, count) for name, (acc, count) in zip(names, stats.tolist(), strict=True)
+        }
         record: dict[str, Any] = {"epoch": trainer.current_epoch}
-        for name, (acc, count) in zip(names, stats.tolist(), strict=True):
+        if self.rule == "paper":
+            self._update_paper(trainer, pl_module, totals, record)
+        else:
+            self._update_relative(trainer, pl_module, totals, record)
+        self.history.append(record)
+        self._sum, self._count, self._epochs_in_interval = {}, {}, 0
+
+    def _update_relative(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        totals: dict[str, tuple[float, float]],
+        record: dict[str, Any],
+    ) -> None:
+        divergence: dict[str, float] = {}
+        eta_hat: dict[str, float] = {}
+        for name, (acc, count) in totals.items():
+            d = acc / count / LN2 if count else math.nan  # step 1
+            divergence[name] = d
+            if not math.isfinite(d) or d < self.noise_floor:
+                why = (
+                    "not finite"
+                    if not math.isfinite(d)
+                    else f"below noise_floor={self.noise_floor:g}"
+                )
+                self._warn_once(
+                    name,
+                    "floor",
+                    f"LayerwiseLRCallback: the divergence of layer {name!r} is {d:.3g} "
+                    f"({why}): its map carries no signal, so the layer keeps factor 1 and is left "
+                    "out of the geometric mean",
+                )
+                continue
+            self.eta[name] = self.gamma * self.eta.get(name, 0.0) + (1 - self.gamma) * d  # eq. 12
+            t = self.updates[name] = self.updates.get(name, 0) + 1
+            eta_hat[name] = self.eta[name] / (1 - self.gamma**t)  # step 2: bias correction
+            self.reference.setdefault(name, eta_hat[name])
+        factors = relative_factors(
+            eta_hat, power=self.power, max_factor=self.max_factor, reference=self.reference
+        )  # steps 3-4
+        for name, d in divergence.items():
+            factor = factors.get(name, 1.0)
+            self._scale(trainer, name, factor / self.factor.get(name, 1.0))  # step 5
+            self.factor[name] = factor
+            record[name] = {"divergence": d, "eta": eta_hat.get(name, math.nan), "factor": factor}
+            _log(pl_module, "divergence", name, d)
+            _log(pl_module, "factor", name, factor)
+
+    def _update_paper(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        totals: dict[str, tuple[float, float]],
+        record: dict[str, Any],
+    ) -> None:
+        for name, (acc, count) in totals.items():
             if self.reduction == "sum":
                 divergence = acc / self._epochs_in_interval  # eq. 3: sum over the training set
             else:
                 divergence = acc / count if count else math.nan
-            if not math.isfinite(divergence):
+            if not math.isfinite(divergence) or divergence < 0:
                 rank_zero_warn(
                     f"LayerwiseLRCallback: accumulated divergence of layer {name!r} is "
                     f"{divergence}; its learning rate is left unchanged this interval"
@@ -187,37 +334,38 @@ class LayerwiseLRCallback(Callback):
                 continue
             eta = self.gamma * self.eta.get(name, self.eta_init) + (1 - self.gamma) * divergence
             self.eta[name] = eta  # eq. 12
-            factor = self._rescale(trainer, name, eta)
+            factor = self._paper_factor(trainer, name, eta)
+            self._scale(trainer, name, factor)
             if factor > 10 and self.max_lr is None:
                 rank_zero_warn(
                     f"LayerwiseLRCallback: the learning rate of layer {name!r} grew {factor:.3g}x "
                     f"because eta={eta:.3g} is small (eq. 11 divides by sqrt(eta + eps)); set "
-                    "max_lr to bound it"
+                    "max_lr to bound it, or use rule='relative'"
                 )
             record[name] = {"divergence": divergence, "eta": eta, "factor": factor}
             _log(pl_module, "divergence", name, divergence)
             _log(pl_module, "factor", name, factor)
-        self.history.append(record)
-        self._sum, self._count, self._epochs_in_interval = {}, {}, 0
 
-    def _rescale(self, trainer: pl.Trainer, name: str, eta: float) -> float:
-        """Apply eq. 11 to every param group named ``name``; return the factor used."""
-        factor = 1.0
+    def _paper_factor(self, trainer: pl.Trainer, name: str, eta: float) -> float:
+        """Eq. 11 with clamping for the group named ``name``: the factor new / old rate."""
+        optimizer, index = self._named_groups(trainer)[name][0]
+        alpha = optimizer.param_groups[index]["lr"]
+        if alpha == 0:
+            rank_zero_warn(
+                f"LayerwiseLRCallback: param group {name!r} has lr 0, which eq. 11 cannot "
+                "rescale; it is left at 0"
+            )
+            return 1.0
+        new_alpha = paper_rate(alpha, eta, eps=self.eps, min_lr=self.min_lr, max_lr=self.max_lr)
+        return new_alpha / alpha
+
+    def _scale(self, trainer: pl.Trainer, name: str, factor: float) -> None:
+        """Multiply every param group named ``name`` and its schedulers' anchors by ``factor``."""
+        if factor == 1.0:
+            return
         for optimizer, index in self._named_groups(trainer)[name]:
             group = optimizer.param_groups[index]
-            alpha = group["lr"]
-            new_alpha = alpha / math.sqrt(eta + self.eps)  # eq. 11
-            new_alpha = max(new_alpha, self.min_lr)
-            if self.max_lr is not None:
-                new_alpha = min(new_alpha, self.max_lr)
-            if alpha == 0:
-                rank_zero_warn(
-                    f"LayerwiseLRCallback: param group {name!r} has lr 0, which eq. 11 cannot "
-                    "rescale; it is left at 0"
-                )
-                continue
-            factor = new_alpha / alpha
-            group["lr"] = new_alpha
+            group["lr"] *= factor
             for key in ("initial_lr", "max_lr", "min_lr"):  # OneCycleLR keeps its anchors here
                 if isinstance(group.get(key), (int, float)):
                     group[key] *= factor
@@ -228,7 +376,11 @@ class LayerwiseLRCallback(Callback):
                             values = getattr(scheduler, attribute, None)
                             if isinstance(values, list) and index < len(values):
                                 values[index] *= factor
-        return factor
+
+    def _warn_once(self, name: str, reason: str, message: str) -> None:
+        if (name, reason) not in self._warned:
+            self._warned.add((name, reason))
+            rank_zero_warn(message)
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -250,6 +402,10 @@ class LayerwiseLRCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "eta": dict(self.eta),
+            "updates": dict(self.updates),
+            "reference": dict(self.reference),
+            "factor": dict(self.factor),
+            "warned": sorted(self._warned),
             "sum": {name: float(value) for name, value in self._sum.items()},
             "count": dict(self._count),
             "epochs_in_interval": self._epochs_in_interval,
@@ -259,6 +415,10 @@ class LayerwiseLRCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.eta = dict(state_dict["eta"])
+        self.updates = dict(state_dict.get("updates", {}))
+        self.reference = dict(state_dict.get("reference", {}))
+        self.factor = dict(state_dict.get("factor", {}))
+        self._warned = {tuple(item) for item in state_dict.get("warned", [])}  # type: ignore[misc]
         self._sum = dict(state_dict["sum"])
         self._count = dict(state_dict["count"])
         self._epochs_in_interval = int(state_dict["epochs_in_interval"])

@@ -184,6 +184,9 @@ def test_digits_run_writes_results(method, schedule, tmp_path, shared_cache):
         assert lrs["base"] == pytest.approx(cfg.lr * cfg.lr_decay)
         assert set(written["eta"]) == {"layer1", "layer2", "layer3"}
         assert lrs["layer1"] != pytest.approx(lrs["base"])
+        # the default (relative) rule keeps every crucial rate within max_factor=4 of the base
+        assert all(lrs["base"] / 4 <= lrs[n] <= 4 * lrs["base"] for n in written["eta"])
+        assert written["layerwise"]["rule"] == "relative"
     if method == "information_flow":  # the auxiliary teacher: the student at twice the width
         assert written["auxiliary"]["width"] == 2 * cfg.model.student.width
         assert written["auxiliary"]["val_acc"] is not None
@@ -253,6 +256,8 @@ def test_every_n_epochs_beyond_epochs_fails_before_training(tmp_path, cache):
         ("method.num_probes=0", "num_probes must be at least 1"),
         ("schedule.layerwise.gamma=2", r"gamma must lie in \(0, 1\)"),
         ("schedule.layerwise.reduction=max", "reduction must be 'sum' or 'mean'"),
+        ("schedule.layerwise.reduction=mean", r"\['reduction'\] only apply to rule='paper'"),
+        ("schedule.layerwise.rule=adam", r"rule must be one of \['relative', 'paper'\]"),
         ("method=none", "schedule=layerwise needs crucial layers"),
         ("schedule=critical_period", "does not apply to method=attention"),
         ("method=information_flow,+method.options.alpha=2", r"\['alpha'\] are not options"),

@@ -201,10 +201,74 @@ def by_hand(
     }
 
 
+def by_hand_relative(
+    recorder: DivergenceRecorder,
+    alone: list[float],
+    *,
+    epochs: int,
+    batches: int,
+    every_n_epochs: int,
+    gamma: float = 0.9,
+    power: float = -0.5,
+    max_factor: float = 4.0,
+    noise_floor: float = 1e-6,
+    layers: list[str] = LAYERS,
+) -> dict[str, Any]:
+    """design.md section 5's relative rule in float64 from the recorded divergences, written
+    independently of ``lr_rules``: mean over the interval / ln 2, eq. 12 with Adam's bias
+    correction, ratio to the geometric mean (one layer: to its first eta_hat), power, clip; the
+    factor replaces the previous one on top of the scheduler's own rates."""
+    factor = {name: 1.0 for name in layers}
+    eta = {name: 0.0 for name in layers}
+    t = {name: 0 for name in layers}
+    first: dict[str, float] = {}
+    acc = {name: 0.0 for name in layers}
+    count = {name: 0 for name in layers}
+    batch_lrs: list[dict[str, float]] = []
+    history: list[dict[str, Any]] = []
+    for epoch in range(epochs):
+        for b in range(batches):
+            k = epoch * batches + b
+            batch_lrs.append({**{n: alone[k] * factor[n] for n in layers}, "base": alone[k]})
+        for name in layers:
+            acc[name] += recorder.sums[epoch].get(name, 0.0)
+            count[name] += recorder.counts[epoch].get(name, 0)
+        if (epoch + 1) % every_n_epochs:
+            continue
+        d = {n: acc[n] / count[n] / math.log(2) for n in layers if count[n]}
+        hat = {}
+        for name, value in d.items():
+            if math.isfinite(value) and value >= noise_floor:
+                eta[name] = gamma * eta[name] + (1 - gamma) * value
+                t[name] += 1
+                hat[name] = eta[name] / (1 - gamma ** t[name])
+                first.setdefault(name, hat[name])
+        if len(hat) == 1:
+            ratio = {n: v / first[n] for n, v in hat.items()}
+        else:
+            geo = math.prod(hat.values()) ** (1 / len(hat)) if hat else 1.0
+            ratio = {n: v / geo for n, v in hat.items()}
+        record: dict[str, Any] = {"epoch": epoch}
+        for name in d:
+            f = min(max(ratio[name] ** power, 1 / max_factor), max_factor) if name in hat else 1.0
+            factor[name] = f
+            record[name] = {"divergence": d[name], "eta": hat.get(name, math.nan), "factor": f}
+        history.append(record)
+        acc = {name: 0.0 for name in layers}
+        count = {name: 0 for name in layers}
+    final = {name: alone[-1] * factor[name] for name in layers}
+    return {
+        "batch_lrs": batch_lrs,
+        "final_lrs": {**final, "base": alone[-1]},
+        "factor": factor,
+        "history": history,
+    }
+
+
 def assert_close_dicts(got: dict[str, float], want: dict[str, float], rel: float = RTOL) -> None:
     assert set(got) == set(want)
     for key in want:
-        assert got[key] == pytest.approx(want[key], rel=rel, abs=0.0), key
+        assert got[key] == pytest.approx(want[key], rel=rel, abs=0.0, nan_ok=True), key
 
 
 def assert_history(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
@@ -256,6 +320,8 @@ class ContractModule(LightningModule):
         skip_batches: batch indices for which ``training_step`` returns ``None`` (Lightning's
             way to skip a batch in automatic optimization).
         make_scheduler: optional scheduler factory, stepped every ``interval``.
+        scale: multiplies every reported divergence.
+        report: the layers whose divergence ``training_step`` reports (default: both).
     """
 
     def __init__(
@@ -269,9 +335,13 @@ class ContractModule(LightningModule):
         make_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         interval: str = "epoch",
         lr: float = LR,
+        scale: float = 1.0,
+        report: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.net = make_tiny_cnn(4)
+        self.scale = scale
+        self.report = LAYERS if report is None else report
         self.constant = constant or {}
         self.nan_epochs = nan_epochs or {}
         self.rename = rename or {}
@@ -301,7 +371,9 @@ class ContractModule(LightningModule):
             return loss
         divergences = {}
         for name, feature in features.items():
-            d = attention_jsd_to_uniform(feature).detach()
+            if name not in self.report:
+                continue
+            d = attention_jsd_to_uniform(feature).detach() * self.scale
             if name in self.constant:
                 d = torch.full_like(d, self.constant[name])
             if self.current_epoch in self.nan_epochs.get(name, ()):
@@ -360,6 +432,13 @@ def fit_contract(
         ({"eta_init": -1.0}, "eta_init"),
         ({"min_lr": -1e-3}, "min_lr"),
         ({"min_lr": 0.2, "max_lr": 0.1}, "max_lr"),
+        ({"rule": "adam"}, r"rule must be one of \['relative', 'paper'\]"),
+        ({"max_factor": 0.5}, "max_factor"),
+        ({"noise_floor": -1.0}, "noise_floor"),
+        ({"power": math.inf}, "power"),
+        ({"reduction": "mean"}, r"\['reduction'\] only apply to rule='paper'"),
+        ({"min_lr": 1e-4, "max_lr": 1.0}, r"\['max_lr', 'min_lr'\] only apply to rule='paper'"),
+        ({"rule": "paper", "power": 0.5}, r"\['power'\] only apply to rule='relative'"),
     ],
 )
 def test_bad_constructor_arguments(kwargs: dict[str, Any], match: str) -> None:
@@ -399,7 +478,9 @@ def test_rates_match_hand_computation(
     epochs, every_n, gamma = 3, 2, 0.9
     seed_everything(0)
     module = distillation_module("attention", make_scheduler, interval)
-    callback = LayerwiseLRCallback(every_n_epochs=every_n, gamma=gamma, reduction=reduction)
+    callback = LayerwiseLRCallback(
+        every_n_epochs=every_n, gamma=gamma, rule="paper", reduction=reduction
+    )
     recorder = DivergenceRecorder()
     logger = CSVLogger(tmp_path, name="csv")
     trainer = Trainer(
@@ -500,7 +581,7 @@ def test_clamping(tmp_path: Path, bound: str) -> None:
         constant, clamp = {"0": 0.025, "1": 1e-4}, {"max_lr": 0.05}
     else:  # A = 20 * 10 -> eta = 100 -> x0.1 for "1"; A = 8 -> eta = 4 -> x0.5 for "0"
         constant, clamp = {"0": 0.4, "1": 10.0}, {"min_lr": 0.005}
-    callback = LayerwiseLRCallback(every_n_epochs=1, gamma=0.5, **clamp)
+    callback = LayerwiseLRCallback(every_n_epochs=1, gamma=0.5, rule="paper", **clamp)
     trainer, recorder = fit_contract(ContractModule(constant=constant), callback, tmp_path, 1)
     lrs = group_lrs(trainer)
     assert lrs["1"] == clamp[bound]
@@ -545,7 +626,7 @@ def test_factor_survives_more_schedulers(tmp_path: Path, make_scheduler: Callabl
     """N=1 over 4 epochs (an update every epoch) with CosineAnnealingLR (eta_min=0),
     ChainedScheduler and SequentialLR (warm-up then MultiStepLR): every batch's rate is the
     scheduler's own rate times the accumulated factor."""
-    callback = LayerwiseLRCallback(every_n_epochs=1, gamma=0.5)
+    callback = LayerwiseLRCallback(every_n_epochs=1, gamma=0.5, rule="paper")
     module = ContractModule(make_scheduler=make_scheduler)
     trainer, recorder = fit_contract(module, callback, tmp_path, 4)
     alone = scheduler_alone(make_scheduler, "epoch", 4, BATCHES)
@@ -559,7 +640,7 @@ def test_factor_survives_more_schedulers(tmp_path: Path, make_scheduler: Callabl
 def test_nan_divergence_skips_layer_with_warning(tmp_path: Path) -> None:
     """Layer "1" reports NaN in epoch 0 only: its first update is skipped (rate unchanged,
     warning, no eta), layer "0" updates; the NaN does not leak into the next interval."""
-    callback = LayerwiseLRCallback(every_n_epochs=1)
+    callback = LayerwiseLRCallback(every_n_epochs=1, rule="paper")
     module = ContractModule(nan_epochs={"1": {0}})
     with pytest.warns(UserWarning, match=r"layer '1'.*left unchanged"):
         trainer, recorder = fit_contract(module, callback, tmp_path, 2)
@@ -614,7 +695,7 @@ def test_interval_longer_than_fit_is_rejected_at_fit_start(tmp_path: Path) -> No
 
 
 def test_skipped_batch_contributes_nothing(tmp_path: Path) -> None:
-    callback = LayerwiseLRCallback(every_n_epochs=1)
+    callback = LayerwiseLRCallback(every_n_epochs=1, rule="paper")
     trainer, recorder = fit_contract(ContractModule(skip_batches={1}), callback, tmp_path, 2)
     assert recorder.counts[0] == {n: N_TRAIN - BATCH for n in LAYERS}
     want = by_hand(
@@ -634,7 +715,7 @@ def test_drop_in_with_plain_lightning_module(tmp_path: Path) -> None:
     updates (N=1, 2 epochs), eta carried over by eq. 12, reduction="mean", eta_init > 0."""
     seed_everything(0)
     kwargs: dict[str, Any] = dict(every_n_epochs=1, gamma=0.7, eta_init=0.02, reduction="mean")
-    callback = LayerwiseLRCallback(**kwargs)
+    callback = LayerwiseLRCallback(rule="paper", **kwargs)
     trainer, recorder = fit_contract(ContractModule(), callback, tmp_path, 2)
     want = by_hand(
         recorder, scheduler_alone(None, "epoch", 2, BATCHES), epochs=2, batches=BATCHES, **kwargs
@@ -756,13 +837,14 @@ def test_resume_follows_the_same_trajectory(
         teacher = model.state_dict()
         assert all(torch.equal(teacher[k], teacher0[k]) for k in teacher0)
     # and the trajectory is the hand-computed one
-    want = by_hand(
+    want = by_hand_relative(
         s_recorder,
         scheduler_alone(_multistep, "epoch", epochs, BATCHES),
         epochs=epochs,
         batches=BATCHES,
         every_n_epochs=2,
     )
+    assert all(f != pytest.approx(1.0) for f in want["factor"].values())  # the test has teeth
     assert_close_dicts(group_lrs(r_trainer), want["final_lrs"])
     assert_history(r_callback.history, want["history"])
 
@@ -780,7 +862,7 @@ def _one(step: int) -> float:
 def test_ddp_spawn_reduces_divergences_over_ranks(tmp_path: Path) -> None:
     """Two CPU processes (gloo, spawn): each rank sees different samples (Lightning's
     DistributedSampler), yet both end with the same rates and eta, computed from the SUM of
-    both ranks' local divergence sums."""
+    both ranks' local divergence sums and counts (the relative rule)."""
     seed_everything(0)
     module = distillation_module("attention", _constant_lr, "epoch")
     callback = LayerwiseLRCallback(every_n_epochs=1, gamma=0.5)
@@ -809,11 +891,15 @@ def test_ddp_spawn_reduces_divergences_over_ranks(tmp_path: Path) -> None:
             assert ranks[0]["sums"][epoch][name] != pytest.approx(ranks[1]["sums"][epoch][name])
 
     eta = {n: 0.0 for n in LAYERS}
-    lrs = {n: LR for n in LAYERS}
-    for epoch in ("0", "1"):  # N=1: A = the epoch's sum over both ranks
+    factor: dict[str, float] = {}
+    for t, epoch in enumerate(("0", "1"), start=1):  # N=1: D = both ranks' mean / ln 2
+        hat = {}
         for name in LAYERS:
-            a = ranks[0]["sums"][epoch][name] + ranks[1]["sums"][epoch][name]
-            eta[name] = 0.5 * eta[name] + 0.5 * a
-            lrs[name] /= math.sqrt(eta[name] + 1e-8)
+            total = ranks[0]["sums"][epoch][name] + ranks[1]["sums"][epoch][name]
+            eta[name] = 0.5 * eta[name] + 0.5 * total / 16 / math.log(2)
+            hat[name] = eta[name] / (1 - 0.5**t)
+        geo = math.sqrt(hat["0"] * hat["1"])
+        factor = {n: min(max((hat[n] / geo) ** -0.5, 0.25), 4.0) for n in LAYERS}
     assert_close_dicts(ranks[0]["eta"], eta)
-    assert_close_dicts(ranks[0]["lrs"], {**lrs, "base": LR})
+    assert_close_dicts(ranks[0]["lrs"], {**{n: LR * factor[n] for n in LAYERS}, "base": LR})
+    assert factor["0"] != pytest.approx(1.0)
