@@ -27,6 +27,7 @@ from lightning_layerkd.layers import FeatureHooks, ProbeKind, conversion_conv, r
 __all__ = [
     "Method",
     "Task",
+    "WeightAlignment",
     "Wrt",
     "attention_map",
     "compute_maps",
@@ -40,9 +41,11 @@ __all__ = [
 Method = Literal["attention", "jacobian", "hessian"]
 Wrt = Literal["weight", "activation"]
 Task = Literal["multiclass", "multilabel"]
+WeightAlignment = Literal["sorted", "index"]
 METHODS: tuple[str, ...] = ("attention", "jacobian", "hessian")
 WRTS: tuple[str, ...] = ("weight", "activation")
 TASKS: tuple[str, ...] = ("multiclass", "multilabel")
+WEIGHT_ALIGNMENTS: tuple[str, ...] = ("sorted", "index")
 
 
 def attention_map(features: Tensor, p: float = 2.0) -> Tensor:
@@ -78,13 +81,22 @@ def to_distribution(m: Tensor, eps: float = 1e-8) -> Tensor:
     return shifted / shifted.sum(dim=1, keepdim=True)
 
 
-def match_maps(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+def match_maps(
+    student: Tensor, teacher: Tensor, weight_alignment: WeightAlignment = "sorted"
+) -> tuple[Tensor, Tensor]:
     """Bring a student map and a teacher map onto one support (design.md section 3).
 
     Per-sample ``(B, H, W)`` maps: adaptive average pooling of the larger map to the smaller
-    spatial size. Weight maps (the shape of a convolution weight, one per batch): unchanged and
-    flattened when the shapes agree; otherwise reduced per output channel and adaptively pooled
-    to the smaller channel count. Returns ``(B, K)`` or ``(1, K)`` non-negative maps.
+    spatial size (pixels correspond between any two networks).
+
+    Weight maps (the shape of a convolution weight, one per batch) are reduced to one energy per
+    output channel. Channel ``k`` of the teacher has nothing to do with channel ``k`` of the
+    student (permuting a network's hidden channels leaves its function unchanged but permutes
+    its weight maps), so ``weight_alignment="sorted"`` compares the energies sorted in
+    decreasing order, which is invariant to any permutation of input or output channels;
+    ``"index"`` compares channel ``k`` with channel ``k`` (the full map when the shapes agree).
+    Either way, different channel counts are adaptively pooled to the smaller one.
+    Returns ``(B, K)`` or ``(1, K)`` non-negative maps.
     """
     if student.dim() == 3 and teacher.dim() == 3:
         size = (min(student.shape[1], teacher.shape[1]), min(student.shape[2], teacher.shape[2]))
@@ -92,10 +104,17 @@ def match_maps(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
             F.adaptive_avg_pool2d(student.unsqueeze(1), size).squeeze(1).flatten(1),
             F.adaptive_avg_pool2d(teacher.unsqueeze(1), size).squeeze(1).flatten(1),
         )
-    if student.shape == teacher.shape:
+    if weight_alignment not in WEIGHT_ALIGNMENTS:
+        raise ValueError(
+            f"weight_alignment must be one of {list(WEIGHT_ALIGNMENTS)}, got {weight_alignment!r}"
+        )
+    if weight_alignment == "index" and student.shape == teacher.shape:
         return student.reshape(1, -1), teacher.reshape(1, -1)
     s = student.flatten(1).sum(dim=1)
     t = teacher.flatten(1).sum(dim=1)
+    if weight_alignment == "sorted":
+        s = s.sort(descending=True).values
+        t = t.sort(descending=True).values
     channels = min(s.numel(), t.numel())
     return (
         F.adaptive_avg_pool1d(s.view(1, 1, -1), channels).view(1, -1),

@@ -41,6 +41,7 @@ from lightning_layerkd.layers import (
 from lightning_layerkd.maps import (
     METHODS,
     TASKS,
+    WEIGHT_ALIGNMENTS,
     WRTS,
     _running_stats_kept,
     compute_maps,
@@ -115,6 +116,10 @@ class DistillationModule(LightningModule):
         map_weight: ``lambda``, the weight of the summed map losses.
         wrt: derivative maps with respect to the conversion-conv ``"weight"`` (the paper's
             reading) or the layer ``"activation"``.
+        weight_alignment: how weight maps of teacher and student are compared:
+            ``"sorted"`` per-output-channel energies in decreasing order (invariant to
+            permutations of channels, which do not change a network's function) or
+            ``"index"`` channel by channel (see :func:`~lightning_layerkd.maps.match_maps`).
         map_target: ``"label"`` (differentiate the true class's log-probability) or
             ``"teacher"`` (the teacher's arg-max class; label-free).
         num_probes: Hutchinson probes per step for Hessian maps.
@@ -142,6 +147,7 @@ class DistillationModule(LightningModule):
         task: Literal["multiclass", "multilabel"] = "multiclass",
         map_weight: float = 1.0,
         wrt: Literal["weight", "activation"] = "weight",
+        weight_alignment: Literal["sorted", "index"] = "sorted",
         map_target: Literal["label", "teacher"] = "label",
         num_probes: int = 1,
         num_crucial_layers: int = 4,
@@ -156,6 +162,7 @@ class DistillationModule(LightningModule):
             method=method,
             task=task,
             wrt=wrt,
+            weight_alignment=weight_alignment,
             map_target=map_target,
             num_probes=num_probes,
             map_weight=map_weight,
@@ -178,6 +185,7 @@ class DistillationModule(LightningModule):
         self.num_classes = num_classes
         self.map_weight = map_weight
         self.wrt = wrt
+        self.weight_alignment = weight_alignment
         self.map_target = map_target
         self.num_probes = num_probes
         self.num_crucial_layers = num_crucial_layers
@@ -416,7 +424,8 @@ class DistillationModule(LightningModule):
                 f"{format_candidates(trace_feature_maps(model, x[:2]))}"
             ) from err
         pairs = zip(self.layer_names, student_maps, teacher_maps, strict=True)
-        return logits, {name: match_maps(s, t.detach()) for name, s, t in pairs}
+        align = self.weight_alignment
+        return logits, {name: match_maps(s, t.detach(), align) for name, s, t in pairs}
 
     def layer_divergences(
         self, x: Tensor, y: Tensor, *, create_graph: bool
@@ -608,6 +617,7 @@ def check_options(
     method: str = "attention",
     task: str = "multiclass",
     wrt: str = "weight",
+    weight_alignment: str = "sorted",
     map_target: str = "label",
     num_probes: int = 1,
     map_weight: float = 1.0,
@@ -617,6 +627,7 @@ def check_options(
     _check_choice("method", method, ALL_METHODS)
     _check_choice("task", task, TASKS)
     _check_choice("wrt", wrt, WRTS)
+    _check_choice("weight_alignment", weight_alignment, WEIGHT_ALIGNMENTS)
     _check_choice("map_target", map_target, ("label", "teacher"))
     if num_probes < 1:
         raise ValueError(f"num_probes must be at least 1, got {num_probes}")

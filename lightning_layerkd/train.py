@@ -151,6 +151,7 @@ def check_config(cfg: DictConfig) -> None:
         check_options(
             method=cfg.method.name,
             wrt=cfg.method.wrt,
+            weight_alignment=cfg.method.get("weight_alignment", "sorted"),
             map_target=cfg.method.map_target,
             num_probes=cfg.method.num_probes,
             map_weight=cfg.map_weight,
@@ -337,6 +338,7 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
             task=datamodule.task,
             map_weight=cfg.map_weight,
             wrt=cfg.method.wrt,
+            weight_alignment=cfg.method.get("weight_alignment", "sorted"),
             map_target=cfg.method.map_target,
             num_probes=cfg.method.num_probes,
             num_crucial_layers=cfg.num_crucial_layers,
@@ -408,6 +410,11 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
         },
         "final_lrs": {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)},
         "eta": dict(layerwise.eta) if layerwise is not None else {},
+        "layerwise": (
+            {"rule": layerwise.rule, "factor": dict(layerwise.factor), "history": layerwise.history}
+            if layerwise is not None
+            else {}
+        ),
         "wall_time_s": time.time() - start,
     }
     if method == "information_flow" and module.layer_pairs:

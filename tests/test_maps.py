@@ -8,6 +8,7 @@ exact for that block and can be compared with the true Hessian entry by entry.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from contextlib import nullcontext
 from functools import partial
@@ -20,6 +21,7 @@ from torch.autograd.functional import hessian, jacobian
 from torch.func import functional_call
 
 import lightning_layerkd.layers as layers_module
+from lightning_layerkd import DistillationModule
 from lightning_layerkd.layers import FeatureHooks
 from lightning_layerkd.maps import (
     attention_map,
@@ -30,6 +32,7 @@ from lightning_layerkd.maps import (
     score,
     to_distribution,
 )
+from lightning_layerkd.models import resnet
 
 B = 4  # batch size; inputs are (B, 3, 5, 5)
 
@@ -171,17 +174,79 @@ def test_match_maps_pools_the_larger_spatial_map() -> None:
     torch.testing.assert_close(t, by_hand, rtol=0, atol=1e-15)
 
 
-def test_match_maps_weight_maps() -> None:
+def test_match_maps_weight_maps_index() -> None:
     torch.manual_seed(0)
     w8, w4 = torch.rand(8, 4, 3, 3), torch.rand(4, 4, 3, 3)
-    s, t = match_maps(w4, w4 * 2)  # equal shapes: flattened, one distribution per batch
+    s, t = match_maps(w4, w4 * 2, "index")  # equal shapes: flattened, one distribution a batch
     assert s.shape == t.shape == (1, 144)
     torch.testing.assert_close(t, 2 * w4.reshape(1, -1))
-    s, t = match_maps(w8, w4)  # per-output-channel sums, pooled 8 -> 4: pairs averaged
+    s, t = match_maps(w8, w4, "index")  # per-output-channel sums, pooled 8 -> 4: pairs averaged
     sums8 = [float(w8[o].sum()) for o in range(8)]
     expected = torch.tensor([[(sums8[2 * i] + sums8[2 * i + 1]) / 2 for i in range(4)]])
     torch.testing.assert_close(s, expected, rtol=1e-6, atol=0)
     torch.testing.assert_close(t, torch.stack([w4[o].sum() for o in range(4)]).view(1, 4))
+
+
+def test_match_maps_weight_maps_sorted() -> None:
+    """The default: per-output-channel energies in decreasing order, pooled to the smaller
+    count; invariant to permuting output and input channels."""
+    torch.manual_seed(0)
+    w8, w4 = torch.rand(8, 4, 3, 3), torch.rand(4, 4, 3, 3)
+    s, t = match_maps(w8, w4)
+    sums8 = sorted((float(w8[o].sum()) for o in range(8)), reverse=True)
+    expected = torch.tensor([[(sums8[2 * i] + sums8[2 * i + 1]) / 2 for i in range(4)]])
+    torch.testing.assert_close(s, expected, rtol=1e-6, atol=0)
+    sums4 = sorted((float(w4[o].sum()) for o in range(4)), reverse=True)
+    torch.testing.assert_close(t, torch.tensor([sums4]), rtol=1e-6, atol=0)
+    shuffled = w8[torch.randperm(8)][:, torch.randperm(4)]
+    torch.testing.assert_close(match_maps(shuffled, w4)[0], s, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match=r"weight_alignment must be one of \['sorted', 'index'\]"):
+        match_maps(w8, w4, "greedy")  # type: ignore[arg-type]
+
+
+def _permuted_copy(student: nn.Module, seed: int = 0) -> nn.Module:
+    """A copy of ``student`` whose hidden channels in ``layer2.0`` (conv1's outputs, bn1,
+    conv2's inputs) are permuted: the same function, permuted weight maps."""
+    teacher = copy.deepcopy(student)
+    block = teacher.layer2[0]
+    perm = torch.randperm(block.conv1.out_channels, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        block.conv1.weight.copy_(block.conv1.weight[perm])
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(block.bn1, name).copy_(getattr(block.bn1, name)[perm])
+        block.conv2.weight.copy_(block.conv2.weight[:, perm])
+    return teacher
+
+
+def test_sorted_alignment_sees_through_a_function_preserving_permutation() -> None:
+    """design.md section 3: a teacher that is the student with permuted hidden channels (equal
+    logits) has the same Jacobian weight maps up to the permutation. The default alignment gives
+    JSD < 1e-4 on every layer; index alignment reports a large divergence on the permuted one."""
+    torch.manual_seed(0)
+    student = resnet(10, num_classes=10, width=8)
+    with torch.no_grad():
+        student(torch.randn(64, 3, 16, 16))  # non-trivial running statistics
+    student.eval()
+    teacher = _permuted_copy(student)
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
+    torch.testing.assert_close(teacher(x), student(x), rtol=0, atol=1e-5)
+    jsd = {}
+    for alignment in ("sorted", "index"):
+        module = DistillationModule(
+            teacher,
+            student,
+            method="jacobian",
+            wrt="weight",
+            weight_alignment=alignment,
+            num_classes=10,
+            layers=["layer1", "layer2", "layer3"],
+        )
+        module.student.eval()
+        _, divergences = module.layer_divergences(x, y, create_graph=False)
+        jsd[alignment] = {name: float(d[0]) for name, d in divergences.items()}
+    assert all(value < 1e-4 for value in jsd["sorted"].values()), jsd
+    assert jsd["index"]["layer2"] > 0.1, jsd
+    assert jsd["index"]["layer1"] < 1e-4  # untouched layers agree either way
 
 
 # --------------------------------------------------------------------------- score
