@@ -85,7 +85,7 @@ def _model_device(model: nn.Module) -> torch.device | None:
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Put every submodule in eval mode, restoring each module's own flag on exit."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -150,7 +150,7 @@ def trace_feature_maps(model: nn.Module, example_input: Tensor) -> list[LayerInf
             if path:
                 handles.append(module.register_forward_pre_hook(pre_hook(path)))
                 handles.append(module.register_forward_hook(post_hook(path)))
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(example_input)
     finally:
         for handle in handles:
@@ -220,7 +220,7 @@ def _describe(role: str, infos: list[LayerInfo]) -> str:
 
 
 def find_crucial_layers(
-    teacher: nn.Module, student: nn.Module, example_input: Tensor, num_layers: int = 4
+    teacher: nn.Module, student: nn.Module, example_input: Tensor, num_layers: int | None = 4
 ) -> list[tuple[str, str]]:
     """Find the crucial layer pairs of a teacher and a student CNN (``layers="auto"``).
 
@@ -245,7 +245,7 @@ def find_crucial_layers(
         teacher: the teacher network.
         student: the student network.
         example_input: one batch of shape ``(N, C, H, W)`` accepted by both networks.
-        num_layers: how many pairs to keep at most (the deepest ones).
+        num_layers: how many pairs to keep at most (the deepest ones); ``None`` keeps all.
 
     Returns:
         ``(student_path, teacher_path)`` pairs, shallow to deep.
@@ -255,7 +255,7 @@ def find_crucial_layers(
             and student groups share a spatial size (the message lists what was seen).
     """
     _check_input(example_input, ndim=4)
-    if num_layers < 1:
+    if num_layers is not None and num_layers < 1:
         raise ValueError(f"num_layers must be at least 1, got {num_layers}")
     t_infos = trace_feature_maps(teacher, example_input)
     s_infos = trace_feature_maps(student, example_input)
@@ -274,7 +274,7 @@ def find_crucial_layers(
             + "\n"
             + _describe("teacher", t_infos)
         )
-    return pairs[-num_layers:]
+    return pairs if num_layers is None else pairs[-num_layers:]
 
 
 def resolve_module(

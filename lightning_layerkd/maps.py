@@ -22,7 +22,13 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
-from lightning_layerkd.layers import FeatureHooks, ProbeKind, conversion_conv, resolve_module
+from lightning_layerkd.layers import (
+    FeatureHooks,
+    ProbeKind,
+    conversion_conv,
+    eval_mode,
+    resolve_module,
+)
 
 __all__ = [
     "Method",
@@ -31,6 +37,7 @@ __all__ = [
     "Wrt",
     "attention_map",
     "compute_maps",
+    "constant_map_layers",
     "hessian_map",
     "jacobian_map",
     "match_maps",
@@ -658,3 +665,25 @@ def hessian_map(
         num_probes=num_probes,
         generator=generator,
     )
+
+
+def constant_map_layers(
+    model: nn.Module, x: Tensor, layers: Sequence[str], rtol: float = 1e-4
+) -> list[str]:
+    """The layers among ``layers`` whose activation-gradient map (eq. 4, ``wrt="activation"``)
+    is constant over its support for every sample of ``x`` (design.md section 3).
+
+    The gradient with respect to a feature map that feeds global average pooling directly is
+    the same at every pixel, so its distribution is uniform for any network and its JSD is 0:
+    a loss without signal. Hessian maps with respect to the activation share that Jacobian and
+    are constant in expectation. The model runs in eval mode (batch-norm statistics untouched).
+    """
+    with eval_mode(model):
+        maps = jacobian_map(model, x, layers, wrt="activation")
+    constant = []
+    for path, m in zip(layers, maps, strict=True):
+        flat = m.detach().flatten(1).double()
+        spread = flat.amax(dim=1) - flat.amin(dim=1)
+        if bool((spread <= rtol * flat.amax(dim=1)).all()):
+            constant.append(path)
+    return constant

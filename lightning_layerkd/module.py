@@ -12,6 +12,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torchmetrics import MeanMetric, MetricCollection
@@ -45,6 +46,7 @@ from lightning_layerkd.maps import (
     WRTS,
     _running_stats_kept,
     compute_maps,
+    constant_map_layers,
     default_target,
     match_maps,
     to_distribution,
@@ -241,6 +243,7 @@ class DistillationModule(LightningModule):
         """Resolve ``layers`` (running the auto rule on ``example_input`` if needed), validate
         the paths and install the forward hooks. Idempotent; returns the layer pairs."""
         x = example_input if example_input is not None else self.example_input
+        checked = False
         if self.layer_pairs is None:
             if x is None:
                 raise ValueError(
@@ -249,17 +252,60 @@ class DistillationModule(LightningModule):
                 )
             assert self.teacher is not None
             with torch.no_grad():
-                self.layer_pairs = find_crucial_layers(
-                    self.teacher, self.student, x, num_layers=self.num_crucial_layers
+                candidates = find_crucial_layers(self.teacher, self.student, x, num_layers=None)
+            constant = self._constant_map_pairs(candidates, x)
+            kept = [pair for pair in candidates if pair not in constant]
+            if not kept:
+                raise ValueError(
+                    f"layers='auto' found only pairs whose {self.method} map w.r.t. the "
+                    f"activation is constant (no signal): {constant}; use wrt='weight' or "
+                    "method='attention', or give explicit layers"
                 )
+            for pair, why in constant.items():
+                rank_zero_info(f"layers='auto' leaves out the pair {pair}: {why}")
+            self.layer_pairs = kept[-self.num_crucial_layers :]
+            checked = True
         if self.method != "none" and self._student_hooks is None:
             self._validate_pairs(x)
+            if not checked and x is not None:
+                for pair, why in self._constant_map_pairs(self.layer_pairs, x).items():
+                    rank_zero_warn(f"crucial layer pair {pair}: {why}")
             self._student_hooks = self._make_hooks(self.student, 0, x, "student")
             self._teacher_hooks = self._make_hooks(self.teacher, 1, x, "teacher")
             for name in self.layer_names:
                 if name not in self.val_jsd:
                     self.val_jsd[_key(name)] = MeanMetric()
         return list(self.layer_pairs)
+
+    @property
+    def _maps_can_be_constant(self) -> bool:
+        """Activation-gradient maps are constant by construction at some layers (design.md 3)."""
+        return self.method in ("jacobian", "hessian") and self.wrt == "activation"
+
+    def _constant_map_pairs(
+        self, pairs: Sequence[tuple[str, str]] | None, x: Tensor
+    ) -> dict[tuple[str, str], str]:
+        """The pairs whose map is constant over its support on ``x`` for either network, with
+        the reason (a map that feeds global pooling directly: JSD 0, no signal)."""
+        if not self._maps_can_be_constant or not pairs:
+            return {}
+        assert self.teacher is not None
+        sample = x[:8]
+        found: dict[tuple[str, str], str] = {}
+        for side, (role, model) in enumerate(
+            (("student", self.student), ("teacher", self.teacher))
+        ):
+            paths = [pair[side] for pair in pairs]
+            for path in constant_map_layers(model, sample.to(_device_of(model, x)), paths):
+                for pair in pairs:
+                    if pair[side] == path and pair not in found:
+                        found[pair] = (
+                            f"the {self.method} map w.r.t. the activation of {role} "
+                            f"'{path}' is the same at every pixel (the layer feeds global "
+                            "pooling directly), so its JSD is 0 and carries no signal; choose "
+                            "an earlier layer, wrt='weight' or method='attention'"
+                        )
+        return found
 
     def _validate_pairs(self, x: Tensor | None) -> None:
         names = self.layer_names
@@ -303,7 +349,7 @@ class DistillationModule(LightningModule):
         if stage not in ("fit", "validate"):
             return  # test/predict need only the student; layers resolve lazily if used
         x = self.example_input
-        if x is None and self.layer_pairs is None:
+        if x is None and (self.layer_pairs is None or self._maps_can_be_constant):
             x = self._example_from_data(stage)
         self.resolve_layers(x)
 
@@ -643,6 +689,11 @@ def _key(name: str) -> str:
 def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _device_of(model: nn.Module, x: Tensor) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else x.device
 
 
 def _forward_recording(

@@ -253,8 +253,9 @@ def test_validation_reports_accuracy_and_layer_jsd_for_derivative_maps(tmp_path)
     fit = trainer(tmp_path, max_epochs=1)
     fit.fit(module, loader(), loader())
     metrics = fit.callback_metrics
-    for key in ("val/acc", "val/loss", "val/jsd/layer1", "val/jsd/layer4", "train/jsd/layer2"):
+    for key in ("val/acc", "val/loss", "val/jsd/layer1", "val/jsd/layer3", "train/jsd/layer2"):
         assert key in metrics and math.isfinite(float(metrics[key])), key
+    assert "val/jsd/layer4" not in metrics  # feeds global pooling: left out for activation maps
     assert 0.0 <= float(metrics["val/acc"]) <= 1.0
     assert 0.0 <= float(metrics["val/jsd/layer1"]) <= math.log(2)
 
@@ -318,9 +319,11 @@ def test_jacobian_weight_divergence_equals_functional_maps_by_hand():
     t_maps = jacobian_map(teacher, x, ["layer2", "layer3"], y)
     s_maps = jacobian_map(student, x, ["layer2", "layer3"], y)
     for name, s_map, t_map in zip(["layer2", "layer3"], s_maps, t_maps, strict=True):
-        # the conversion convs differ in width: per-output-channel sums, pooled to the student's
-        s_sum, t_sum = s_map.flatten(1).sum(1), t_map.flatten(1).sum(1)
-        t_pooled = t_sum.view(-1, 2).mean(1)  # teacher is twice as wide
+        # per-output-channel sums in decreasing order (the default weight_alignment="sorted"),
+        # pooled to the student's width (the teacher is twice as wide: pairs averaged)
+        s_sum = s_map.flatten(1).sum(1).sort(descending=True).values
+        t_sum = t_map.flatten(1).sum(1).sort(descending=True).values
+        t_pooled = t_sum.view(-1, 2).mean(1)
         expected = js_divergence(to_distribution(s_sum[None]), to_distribution(t_pooled[None]))
         torch.testing.assert_close(divergences[name], expected.expand(6), rtol=1e-5, atol=1e-7)
 
@@ -389,3 +392,65 @@ def test_information_flow_uses_critical_period_weights_of_the_epoch():
         DistillationModule(
             teacher, student, num_classes=5, method="information_flow", method_options={"alpha": 1}
         )
+
+
+# ------------------------------------------------------------- degenerate pairs (section 3)
+@pytest.mark.parametrize(
+    ("method", "wrt", "expected"),
+    [
+        ("jacobian", "activation", ["layer1", "layer2", "layer3"]),
+        ("hessian", "activation", ["layer1", "layer2", "layer3"]),
+        ("jacobian", "weight", ["layer1", "layer2", "layer3", "layer4"]),
+        ("attention", "weight", ["layer1", "layer2", "layer3", "layer4"]),
+    ],
+)
+def test_auto_layers_leave_out_pairs_whose_map_is_constant(method, wrt, expected):
+    """layer4 feeds global pooling directly: its activation-gradient map is the same at every
+    pixel, so layers='auto' does not pick it for activation maps (and does for the others)."""
+    torch.manual_seed(0)
+    teacher, student = resnet(18, num_classes=10, width=8), resnet(10, num_classes=10, width=4)
+    x = torch.randn(8, 3, 32, 32)
+    module = DistillationModule(
+        teacher, student, method=method, wrt=wrt, num_classes=10, example_input=x
+    )
+    assert [s for s, _ in module.resolve_layers()] == expected
+
+
+def test_explicit_constant_pair_is_warned_about_by_name():
+    """An explicit pair with a constant map is kept (the user asked for it) with a warning that
+    names it; its JSD is 0 up to float noise, which is why."""
+    torch.manual_seed(0)
+    teacher, student = resnet(18, num_classes=10, width=8), resnet(10, num_classes=10, width=4)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    module = DistillationModule(
+        teacher,
+        student,
+        method="jacobian",
+        wrt="activation",
+        num_classes=10,
+        layers=["layer3", "layer4"],
+        example_input=x,
+    )
+    with pytest.warns(UserWarning, match=r"\('layer4', 'layer4'\).*same at every pixel") as got:
+        module.resolve_layers()
+    assert not any("'layer3'" in str(w.message) for w in got)
+    _, divergences = module.layer_divergences(x, y, create_graph=False)
+    assert float(divergences["layer4"].max()) < 1e-9
+    assert float(divergences["layer3"].min()) > 1e-4
+
+
+def test_constant_map_layers_on_a_plain_cnn():
+    from lightning_layerkd.maps import constant_map_layers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
+    x = torch.randn(4, 3, 6, 6)
+    assert constant_map_layers(model, x, ["0", "2", "3"]) == ["3"]  # "3" feeds the pooling
