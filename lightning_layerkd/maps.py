@@ -481,9 +481,10 @@ def compute_maps(
     ``hooks`` sit on the crucial modules (attention and ``wrt="activation"``) or on their
     conversion convolutions (``wrt="weight"``). Jacobian maps (eq. 4) are ``G^2`` with
     ``G = d(sum_i s_i)/dW`` (one map per batch) or ``sum_c G_c^2`` with ``G = d(sum_i s_i)/dF``
-    (per sample). Hessian maps (eq. 6) are ``|diag H|``, estimated as ``mean_k v_k * (H v_k)``
-    with Rademacher ``v_k`` and the Gauss-Newton product ``H v = J^T H_z (J v)``: ``J v`` by
-    forward-mode AD in the same pass, ``J^T`` by one reverse pass for all layers together.
+    (per sample). Hessian maps (eq. 6) are ``|diag H|`` of the Gauss-Newton matrix (see
+    :func:`hessian_map`), estimated as ``mean_k v_k * (H v_k)`` with Rademacher ``v_k`` and
+    ``H v = J^T H_z (J v)``: ``J v`` by forward-mode AD in the same pass, ``J^T`` by one
+    reverse pass for all layers together.
 
     ``create_graph=True`` keeps the graph so that a loss on the maps trains the model (the
     student); with ``False`` the maps and logits are constants (the teacher).
@@ -645,13 +646,24 @@ def hessian_map(
     generator: torch.Generator | None = None,
     create_graph: bool = False,
 ) -> list[Tensor]:
-    """Hessian maps of ``layers`` (eq. 6): ``|diag H|`` of ``sum_i s_i`` (Hutchinson estimate).
+    """Hessian maps of ``layers`` (eq. 6): the diagonal of the Gauss-Newton matrix of
+    ``sum_i s_i``, ``|diag(J^T H_z J)|``, by Hutchinson probes.
 
-    ``H`` is the Gauss-Newton form ``J^T H_z J`` (exact for one layer's block in a piecewise
-    linear network; training-mode batch norm has no third derivative in PyTorch, which rules out
-    the double-backward Hessian). ``wrt`` and the returned shapes are as in
-    :func:`jacobian_map`; ``num_probes`` Rademacher probes are averaged, drawn from
-    ``generator`` when given.
+    ``H_z = diag(p) - p p^T`` is the curvature of the log-softmax. The Gauss-Newton diagonal
+    equals the Hessian's diagonal wherever the network is piecewise linear in the
+    differentiated tensor: a ReLU network with batch norm in eval mode (the teacher), for a
+    layer's activation or for one layer's weight. It differs for a network whose batch norm
+    is in training mode (the student: the batch statistics make it non-linear in the weight).
+    Training-mode batch norm has no third derivative in PyTorch, which rules out training
+    through the exact double-backward Hessian.
+
+    Each probe ``v`` (Rademacher) gives ``v * (H v)``, whose mean is ``diag H``; the map is
+    ``|mean over num_probes|``. Where the map has many more entries than ``H``'s rank (at most
+    batch x (classes - 1); a ResNet layer's weight or activation), the off-diagonal terms
+    dominate every entry and the normalised map's noise does not shrink with probes; the
+    default ``weight_alignment="sorted"`` sums each output channel's entries, which averages
+    that noise (signal-to-noise ratios in ``benchmarks/RESULTS.md``). ``wrt`` and the returned
+    shapes are as in :func:`jacobian_map`; probes are drawn from ``generator`` when given.
     """
     return _maps_of_layers(
         model,

@@ -105,7 +105,8 @@ class DistillationModule(LightningModule):
         teacher: a trained network (any ``nn.Module`` returning logits); ``None`` only with
             ``method="none"`` (the student alone).
         student: the network to train.
-        method: ``"attention"`` (eq. 2), ``"jacobian"`` (eq. 4), ``"hessian"`` (eq. 6),
+        method: ``"attention"`` (eq. 2), ``"jacobian"`` (eq. 4), ``"hessian"`` (eq. 6, the
+            Gauss-Newton diagonal, see :func:`~lightning_layerkd.maps.hessian_map`),
             ``"jacobian_matching"`` (Srinivas & Fleuret 2018), ``"information_flow"``
             (Passalis et al. 2020), or ``"none"`` for cross-entropy alone.
         layers: ``"auto"`` (design.md section 2, run on ``example_input`` or on the first
@@ -124,7 +125,10 @@ class DistillationModule(LightningModule):
             ``"index"`` channel by channel (see :func:`~lightning_layerkd.maps.match_maps`).
         map_target: ``"label"`` (differentiate the true class's log-probability) or
             ``"teacher"`` (the teacher's arg-max class; label-free).
-        num_probes: Hutchinson probes per step for Hessian maps.
+        num_probes: Hutchinson probes per step for the student's Hessian maps.
+        teacher_probes: Hutchinson probes per step for the teacher's Hessian maps (no graph,
+            so cheaper than the student's): 4 lifts the signal-to-noise ratio of weight maps
+            on the benchmark pair from 2.8 to 4.6 (``benchmarks/RESULTS.md``).
         num_crucial_layers: how many pairs ``layers="auto"`` keeps (the deepest).
         method_options: options of the seed methods, see ``METHOD_OPTIONS`` (unknown keys are
             an error).
@@ -152,6 +156,7 @@ class DistillationModule(LightningModule):
         weight_alignment: Literal["sorted", "index"] = "sorted",
         map_target: Literal["label", "teacher"] = "label",
         num_probes: int = 1,
+        teacher_probes: int = 4,
         num_crucial_layers: int = 4,
         method_options: Mapping[str, Any] | None = None,
         example_input: Tensor | None = None,
@@ -167,6 +172,7 @@ class DistillationModule(LightningModule):
             weight_alignment=weight_alignment,
             map_target=map_target,
             num_probes=num_probes,
+            teacher_probes=teacher_probes,
             map_weight=map_weight,
         )
         _check_choice("scheduler_interval", scheduler_interval, ("epoch", "step"))
@@ -190,6 +196,7 @@ class DistillationModule(LightningModule):
         self.weight_alignment = weight_alignment
         self.map_target = map_target
         self.num_probes = num_probes
+        self.teacher_probes = teacher_probes
         self.num_crucial_layers = num_crucial_layers
         self.method_options = _method_options(method, method_options)
         self.example_input = example_input
@@ -437,9 +444,7 @@ class DistillationModule(LightningModule):
             )
         self.resolve_layers(x)
         assert self.teacher is not None and self._teacher_hooks and self._student_hooks
-        options: dict[str, Any] = dict(
-            method=self.method, wrt=self.wrt, task=self.task, num_probes=self.num_probes
-        )
+        options: dict[str, Any] = dict(method=self.method, wrt=self.wrt, task=self.task)
         try:
             teacher_target = y if self.map_target == "label" else None
             teacher_logits, teacher_maps = compute_maps(
@@ -448,6 +453,7 @@ class DistillationModule(LightningModule):
                 self._teacher_hooks,
                 target=teacher_target,
                 create_graph=False,
+                num_probes=self.teacher_probes,
                 **options,
             )
             student_target = (
@@ -459,6 +465,7 @@ class DistillationModule(LightningModule):
                 self._student_hooks,
                 target=student_target,
                 create_graph=create_graph,
+                num_probes=self.num_probes,
                 **options,
             )
         except CrucialLayerError as err:
@@ -666,6 +673,7 @@ def check_options(
     weight_alignment: str = "sorted",
     map_target: str = "label",
     num_probes: int = 1,
+    teacher_probes: int = 4,
     map_weight: float = 1.0,
 ) -> None:
     """Validate the method options of :class:`DistillationModule` (also used by the app to fail
@@ -675,8 +683,9 @@ def check_options(
     _check_choice("wrt", wrt, WRTS)
     _check_choice("weight_alignment", weight_alignment, WEIGHT_ALIGNMENTS)
     _check_choice("map_target", map_target, ("label", "teacher"))
-    if num_probes < 1:
-        raise ValueError(f"num_probes must be at least 1, got {num_probes}")
+    for name, probes in (("num_probes", num_probes), ("teacher_probes", teacher_probes)):
+        if probes < 1:
+            raise ValueError(f"{name} must be at least 1, got {probes}")
     if map_weight < 0:
         raise ValueError(f"map_weight must be non-negative, got {map_weight}")
 

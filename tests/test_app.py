@@ -254,6 +254,7 @@ def test_every_n_epochs_beyond_epochs_fails_before_training(tmp_path, cache):
     [
         ("method.wrt=foo", r"wrt must be one of \['weight', 'activation'\]"),
         ("method.num_probes=0", "num_probes must be at least 1"),
+        ("method=hessian,method.teacher_probes=0", "teacher_probes must be at least 1"),
         ("schedule.layerwise.gamma=2", r"gamma must lie in \(0, 1\)"),
         ("schedule.layerwise.reduction=max", "reduction must be 'sum' or 'mean'"),
         ("schedule.layerwise.reduction=mean", r"\['reduction'\] only apply to rule='paper'"),

@@ -454,3 +454,28 @@ def test_constant_map_layers_on_a_plain_cnn():
     )
     x = torch.randn(4, 3, 6, 6)
     assert constant_map_layers(model, x, ["0", "2", "3"]) == ["3"]  # "3" feeds the pooling
+
+
+def test_teacher_and_student_probes_go_to_their_roles(monkeypatch):
+    """Hessian maps: ``teacher_probes`` for the teacher's maps (no graph), ``num_probes`` for
+    the student's; a bad count is refused with the option's name."""
+    import lightning_layerkd.module as module_file
+
+    calls = []
+    real = module_file.compute_maps
+
+    def spy(model, *args, **kwargs):
+        calls.append((kwargs["create_graph"], kwargs["num_probes"]))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(module_file, "compute_maps", spy)
+    teacher, student = pair()
+    module = DistillationModule(
+        teacher, student, num_classes=5, layers=PAIRS[:2], method="hessian", num_probes=2
+    )
+    assert module.teacher_probes == 4  # the default
+    x, y = batch()
+    module.layer_divergences(x, y, create_graph=True)
+    assert calls == [(False, 4), (True, 2)]
+    with pytest.raises(ValueError, match="teacher_probes must be at least 1"):
+        DistillationModule(teacher, student, num_classes=5, method="hessian", teacher_probes=0)
