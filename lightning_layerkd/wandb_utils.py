@@ -75,12 +75,14 @@ def _wandb_loggers(trainer: pl.Trainer) -> list[WandbLogger]:
 
 class LayerPanels(Callback):
     """One wandb panel per quantity with a line per crucial layer: ``lr``, ``eta``, the
-    accumulated divergence and the training JSD, re-plotted at the end of every epoch."""
+    accumulated divergence, the layer-wise factor and the training JSD, re-plotted at the end
+    of every epoch."""
 
     KEYS = (
         "layerwise/lr/",
         "layerwise/eta/",
         "layerwise/divergence/",
+        "layerwise/factor/",
         "train/jsd/",
         "train/jacobian_matching/",
         "train/pkt/",

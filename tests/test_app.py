@@ -371,7 +371,8 @@ def test_wandb_logger_runs_offline_with_panels_and_map_images(tmp_path, shared_c
     assert {"layer1", "layer2", "layer3"} <= set(images)
     panels = media / "table" / "panels"
     charts = {str(p.relative_to(panels)).rsplit("_table", 1)[0] for p in panels.rglob("*.json")}
-    assert {"layerwise/lr", "layerwise/eta", "layerwise/divergence", "train/jsd"} <= charts
+    expected = {"layerwise/lr", "layerwise/eta", "layerwise/divergence", "layerwise/factor"}
+    assert expected | {"train/jsd"} <= charts
 
 
 @pytest.mark.slow
