@@ -310,9 +310,7 @@ class LayerwiseLRCallback(Callback):
             factor = factors.get(name, 1.0)
             self._scale(trainer, name, factor / self.factor.get(name, 1.0))  # step 5
             self.factor[name] = factor
-            record[name] = {"divergence": d, "eta": eta_hat.get(name, math.nan), "factor": factor}
-            _log(pl_module, "divergence", name, d)
-            _log(pl_module, "factor", name, factor)
+            _record(pl_module, record, name, d, eta_hat.get(name, math.nan), factor)
 
     def _update_paper(
         self,
@@ -342,9 +340,7 @@ class LayerwiseLRCallback(Callback):
                     f"because eta={eta:.3g} is small (eq. 11 divides by sqrt(eta + eps)); set "
                     "max_lr to bound it, or use rule='relative'"
                 )
-            record[name] = {"divergence": divergence, "eta": eta, "factor": factor}
-            _log(pl_module, "divergence", name, divergence)
-            _log(pl_module, "factor", name, factor)
+            _record(pl_module, record, name, divergence, eta, factor)
 
     def _paper_factor(self, trainer: pl.Trainer, name: str, eta: float) -> float:
         """Eq. 11 with clamping for the group named ``name``: the factor new / old rate."""
@@ -431,6 +427,20 @@ def _log(pl_module: pl.LightningModule, quantity: str, layer: str, value: float)
     pl_module.log(
         f"layerwise/{quantity}/{layer}", value, on_step=False, on_epoch=True, sync_dist=True
     )
+
+
+def _record(
+    pl_module: pl.LightningModule,
+    record: dict[str, Any],
+    name: str,
+    divergence: float,
+    eta: float,
+    factor: float,
+) -> None:
+    """Put one layer's update into the history record and the logs."""
+    record[name] = {"divergence": divergence, "eta": eta, "factor": factor}
+    _log(pl_module, "divergence", name, divergence)
+    _log(pl_module, "factor", name, factor)
 
 
 def _with_children(scheduler: Any) -> list[Any]:
