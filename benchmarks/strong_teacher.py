@@ -56,6 +56,7 @@ def _configs() -> dict[str, dict[str, Any]]:
         "jacobian-activation": {"method": "jacobian", "wrt": "activation"},
         "jacobian-weight": {"method": "jacobian", "wrt": "weight"},
         "hessian-weight": {"method": "hessian", "wrt": "weight"},
+        "hessian-activation": {"method": "hessian", "wrt": "activation"},
     }
     for method, options in methods.items():
         for schedule, rule in _schedules().items():

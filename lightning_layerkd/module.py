@@ -117,8 +117,10 @@ class DistillationModule(LightningModule):
         task: ``"multiclass"`` (cross-entropy, top-1 accuracy) or ``"multilabel"``
             (BCE with logits, mAP and accuracy).
         map_weight: ``lambda``, the weight of the summed map losses.
-        wrt: derivative maps with respect to the conversion-conv ``"weight"`` (the paper's
-            reading) or the layer ``"activation"``.
+        wrt: derivative maps with respect to the layer's ``"activation"`` (default: pixels
+            correspond between any two networks) or its conversion-conv ``"weight"`` (one
+            reading of the paper, which cost the student accuracy on the strong-teacher
+            benchmark, ``benchmarks/RESULTS.md``).
         weight_alignment: how weight maps of teacher and student are compared:
             ``"sorted"`` per-output-channel energies in decreasing order (invariant to
             permutations of channels, which do not change a network's function) or
@@ -127,8 +129,9 @@ class DistillationModule(LightningModule):
             ``"teacher"`` (the teacher's arg-max class; label-free).
         num_probes: Hutchinson probes per step for the student's Hessian maps.
         teacher_probes: Hutchinson probes per step for the teacher's Hessian maps (no graph,
-            so cheaper than the student's): 4 lifts the signal-to-noise ratio of weight maps
-            on the benchmark pair from 2.8 to 4.6 (``benchmarks/RESULTS.md``).
+            so cheaper than the student's). ``None``: 4 for ``wrt="weight"`` (lifts the
+            signal-to-noise ratio on the benchmark pair from 2.8 to 4.6) and 1 for
+            ``"activation"`` (5.5 at one probe, no gain from more); ``benchmarks/RESULTS.md``.
         num_crucial_layers: how many pairs ``layers="auto"`` keeps (the deepest).
         method_options: options of the seed methods, see ``METHOD_OPTIONS`` (unknown keys are
             an error).
@@ -152,11 +155,11 @@ class DistillationModule(LightningModule):
         num_classes: int,
         task: Literal["multiclass", "multilabel"] = "multiclass",
         map_weight: float = 1.0,
-        wrt: Literal["weight", "activation"] = "weight",
+        wrt: Literal["weight", "activation"] = "activation",
         weight_alignment: Literal["sorted", "index"] = "sorted",
         map_target: Literal["label", "teacher"] = "label",
         num_probes: int = 1,
-        teacher_probes: int = 4,
+        teacher_probes: int | None = None,
         num_crucial_layers: int = 4,
         method_options: Mapping[str, Any] | None = None,
         example_input: Tensor | None = None,
@@ -196,6 +199,8 @@ class DistillationModule(LightningModule):
         self.weight_alignment = weight_alignment
         self.map_target = map_target
         self.num_probes = num_probes
+        if teacher_probes is None:
+            teacher_probes = 4 if wrt == "weight" else 1
         self.teacher_probes = teacher_probes
         self.num_crucial_layers = num_crucial_layers
         self.method_options = _method_options(method, method_options)
@@ -669,11 +674,11 @@ def check_options(
     *,
     method: str = "attention",
     task: str = "multiclass",
-    wrt: str = "weight",
+    wrt: str = "activation",
     weight_alignment: str = "sorted",
     map_target: str = "label",
     num_probes: int = 1,
-    teacher_probes: int = 4,
+    teacher_probes: int | None = None,
     map_weight: float = 1.0,
 ) -> None:
     """Validate the method options of :class:`DistillationModule` (also used by the app to fail
@@ -684,7 +689,7 @@ def check_options(
     _check_choice("weight_alignment", weight_alignment, WEIGHT_ALIGNMENTS)
     _check_choice("map_target", map_target, ("label", "teacher"))
     for name, probes in (("num_probes", num_probes), ("teacher_probes", teacher_probes)):
-        if probes < 1:
+        if probes is not None and probes < 1:
             raise ValueError(f"{name} must be at least 1, got {probes}")
     if map_weight < 0:
         raise ValueError(f"map_weight must be non-negative, got {map_weight}")

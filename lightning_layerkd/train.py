@@ -154,7 +154,7 @@ def check_config(cfg: DictConfig) -> None:
             weight_alignment=cfg.method.get("weight_alignment", "sorted"),
             map_target=cfg.method.map_target,
             num_probes=cfg.method.num_probes,
-            teacher_probes=cfg.method.get("teacher_probes", 4),
+            teacher_probes=cfg.method.get("teacher_probes"),
             map_weight=cfg.map_weight,
         )
         if cfg.schedule.get("scheduler") is not None:
@@ -342,7 +342,7 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
             weight_alignment=cfg.method.get("weight_alignment", "sorted"),
             map_target=cfg.method.map_target,
             num_probes=cfg.method.num_probes,
-            teacher_probes=cfg.method.get("teacher_probes", 4),
+            teacher_probes=cfg.method.get("teacher_probes"),
             num_crucial_layers=cfg.num_crucial_layers,
             method_options=method_options,
             example_input=example,

@@ -289,6 +289,7 @@ def distillation_module(
         make_tiny_cnn(8),
         make_tiny_cnn(4),
         method=method,
+        wrt="weight",  # layer "1" feeds global pooling: its activation map is constant
         layers=LAYERS,
         num_classes=10,
         optimizer=functools.partial(torch.optim.SGD, lr=lr, momentum=0.9),

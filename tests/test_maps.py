@@ -298,7 +298,7 @@ def test_jacobian_multilabel() -> None:
     labels = torch.tensor([[1, 0, 1], [0, 0, 1], [1, 1, 1], [0, 1, 0]], dtype=torch.float64)
     w = model[3].weight.detach().clone()
     g = jacobian(score_of_weight(model, "3.weight", x, labels, task="multilabel"), w)
-    (got,) = jacobian_map(model, x, ["3"], labels, task="multilabel")
+    (got,) = jacobian_map(model, x, ["3"], labels, task="multilabel", wrt="weight")
     assert_close32(got, g**2)
 
 
@@ -330,7 +330,7 @@ def test_hessian_weight_map_reproduces_hutchinson_with_exact_hessian(task: str) 
     g = torch.Generator().manual_seed(7)
     probes = [rademacher(w.shape, g) for _ in range(3)]
     gen = torch.Generator().manual_seed(7)
-    (got,) = hessian_map(model, x, ["3"], y, task=task, num_probes=3, generator=gen)
+    (got,) = hessian_map(model, x, ["3"], y, task=task, num_probes=3, generator=gen, wrt="weight")
     assert got.shape == w.shape and got.dtype == torch.float64
     assert_close32(got, hutchinson(h, probes).abs())
 
@@ -355,7 +355,7 @@ def test_hessian_estimate_over_all_sign_vectors_is_the_diagonal(monkeypatch) -> 
     # the library fed those 16 vectors as its probes gives |diag(H)|
     feed = iter(signs)
     monkeypatch.setattr(layers_module, "rademacher_like", lambda like, *a, **k: next(feed))
-    (got,) = hessian_map(model, x, ["3"], y, num_probes=16)
+    (got,) = hessian_map(model, x, ["3"], y, num_probes=16, wrt="weight")
     assert next(feed, None) is None
     assert_close32(got.flatten(), h.diagonal().abs())
 
@@ -366,7 +366,7 @@ def test_hessian_estimate_converges_with_many_probes() -> None:
     h = hessian(score_of_weight(model, "3.weight", x, y), w).reshape(4, 4)
     n = 256
     (got,) = hessian_map(
-        model, x, ["3"], y, num_probes=n, generator=torch.Generator().manual_seed(3)
+        model, x, ["3"], y, num_probes=n, generator=torch.Generator().manual_seed(3), wrt="weight"
     )
     # entry i errs by sum_{j != i} H_ij mean_k(v_ki v_kj); each mean has std 1/sqrt(n), so the
     # error's std is sigma_i = sqrt(sum_{j != i} H_ij^2 / n). 5 sigma never fails by chance.
@@ -406,7 +406,7 @@ def test_two_layers_share_one_pass_with_probes_drawn_in_forward_order() -> None:
     v = torch.cat([v0.flatten(), v3.flatten()])
     est = (v * (j.T @ hz @ j @ v)).abs()
     gen = torch.Generator().manual_seed(11)
-    got3, got0 = hessian_map(model, x, ["3", "0"], y, generator=gen)
+    got3, got0 = hessian_map(model, x, ["3", "0"], y, generator=gen, wrt="weight")
     assert_close32(got0.flatten(), est[: w0.numel()])
     assert_close32(got3.flatten(), est[w0.numel() :])
 
@@ -417,10 +417,12 @@ def test_float64_precision_of_derivative_maps(path: str) -> None:
     model, (x, y) = cnn64().eval(), batch()
     w = model.get_submodule(path).weight.detach().clone()
     fn = score_of_weight(model, f"{path}.weight", x, y)
-    (jac,) = jacobian_map(model, x, [path], y)
+    (jac,) = jacobian_map(model, x, [path], y, wrt="weight")
     h = hessian(fn, w, vectorize=True).reshape(w.numel(), -1)
     probes = [rademacher(w.shape, torch.Generator().manual_seed(2))]
-    (hes,) = hessian_map(model, x, [path], y, generator=torch.Generator().manual_seed(2))
+    (hes,) = hessian_map(
+        model, x, [path], y, generator=torch.Generator().manual_seed(2), wrt="weight"
+    )
     ok_jac = torch.allclose(jac, jacobian(fn, w) ** 2, rtol=0, atol=1e-12)
     ok_hes = torch.allclose(hes, hutchinson(h, probes).abs(), rtol=0, atol=1e-10)
     assert ok_jac and ok_hes, (ok_jac, ok_hes)
@@ -501,11 +503,11 @@ def test_hessian_map_gradient_in_train_mode_matches_finite_differences(wrt: str)
 
 def test_hooks_removed_and_frozen_weights_stay_frozen() -> None:
     model, (x, y) = cnn64().eval(), batch()
-    (reference,) = jacobian_map(model, x, ["3"], y)
+    (reference,) = jacobian_map(model, x, ["3"], y, wrt="weight")
     hessian_map(model, x, ["2"], y, wrt="activation")
     assert no_hooks(model)
     with pytest.raises(ValueError):
-        hessian_map(model, x, ["3"], y, num_probes=0)
+        hessian_map(model, x, ["3"], y, num_probes=0, wrt="weight")
     assert no_hooks(model)  # removed even when the call fails
     model.requires_grad_(False)
     (frozen,) = jacobian_map(model, x, ["3"], y, wrt="weight")

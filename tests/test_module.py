@@ -316,8 +316,8 @@ def test_jacobian_weight_divergence_equals_functional_maps_by_hand():
     x, y = batch()
     _, divergences = module.layer_divergences(x, y, create_graph=False)
     module.remove_hooks()
-    t_maps = jacobian_map(teacher, x, ["layer2", "layer3"], y)
-    s_maps = jacobian_map(student, x, ["layer2", "layer3"], y)
+    t_maps = jacobian_map(teacher, x, ["layer2", "layer3"], y, wrt="weight")
+    s_maps = jacobian_map(student, x, ["layer2", "layer3"], y, wrt="weight")
     for name, s_map, t_map in zip(["layer2", "layer3"], s_maps, t_maps, strict=True):
         # per-output-channel sums in decreasing order (the default weight_alignment="sorted"),
         # pooled to the student's width (the teacher is twice as wide: pairs averaged)
@@ -473,9 +473,12 @@ def test_teacher_and_student_probes_go_to_their_roles(monkeypatch):
     module = DistillationModule(
         teacher, student, num_classes=5, layers=PAIRS[:2], method="hessian", num_probes=2
     )
-    assert module.teacher_probes == 4  # the default
+    assert module.teacher_probes == 1  # the default for wrt="activation"
+    options = dict(num_classes=5, layers=PAIRS[:2], method="hessian", wrt="weight")
+    assert DistillationModule(teacher, student, **options).teacher_probes == 4
+    module = DistillationModule(teacher, student, num_probes=2, teacher_probes=3, **options)
     x, y = batch()
     module.layer_divergences(x, y, create_graph=True)
-    assert calls == [(False, 4), (True, 2)]
+    assert calls == [(False, 3), (True, 2)]
     with pytest.raises(ValueError, match="teacher_probes must be at least 1"):
         DistillationModule(teacher, student, num_classes=5, method="hessian", teacher_probes=0)
