@@ -188,8 +188,9 @@ def report(out: Path) -> str:
         runs.setdefault(record["config"], []).append(record)
     teacher = json.loads((out / "teacher.json").read_text())["test_accuracy"]
     lines = [
-        "| configuration | student accuracy (%) | seeds | final crucial-layer lr / base lr |",
-        "|---|---|---|---|",
+        "| configuration | student accuracy (%) | seeds | minus the student alone, paired by seed "
+        "(points) | final crucial-layer lr / base lr |",
+        "|---|---|---|---|---|",
     ]
     for name in [n for n in CONFIGS if n in runs]:
         accs = [r["test_accuracy"] for r in runs[name]]
@@ -202,8 +203,14 @@ def report(out: Path) -> str:
         ]
         spread = f"{min(ratios):.3g} - {max(ratios):.3g}" if ratios else "-"
         mean = statistics.mean(accs)
-        lines.append(f"| {name} | {mean:.2f} ± {std:.2f} | {len(accs)} | {spread} |")
-    lines.append(f"| teacher | {teacher:.2f} | - | - |")
+        alone = {r["seed"]: r["test_accuracy"] for r in runs.get("student", [])}
+        diffs = [r["test_accuracy"] - alone[r["seed"]] for r in runs[name] if r["seed"] in alone]
+        paired = "-"
+        if name != "student" and diffs:
+            d_std = statistics.stdev(diffs) if len(diffs) > 1 else math.nan
+            paired = f"{statistics.mean(diffs):+.2f} ± {d_std:.2f}"
+        lines.append(f"| {name} | {mean:.2f} ± {std:.2f} | {len(accs)} | {paired} | {spread} |")
+    lines.append(f"| teacher | {teacher:.2f} | - | - | - |")
     return "\n".join(lines)
 
 
