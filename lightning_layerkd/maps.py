@@ -683,7 +683,7 @@ def constant_map_layers(
     model: nn.Module, x: Tensor, layers: Sequence[str], rtol: float = 1e-4
 ) -> list[str]:
     """The layers among ``layers`` whose activation-gradient map (eq. 4, ``wrt="activation"``)
-    is constant over its support for every sample of ``x`` (design.md section 3).
+    is constant over its support for every sample of ``x``.
 
     The gradient with respect to a feature map that feeds global average pooling directly is
     the same at every pixel, so its distribution is uniform for any network and its JSD is 0:

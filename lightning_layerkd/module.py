@@ -291,7 +291,7 @@ class DistillationModule(LightningModule):
 
     @property
     def _maps_can_be_constant(self) -> bool:
-        """Activation-gradient maps are constant by construction at some layers (design.md 3)."""
+        """Activation-gradient maps are constant by construction at some layers."""
         return self.method in ("jacobian", "hessian") and self.wrt == "activation"
 
     def _constant_map_pairs(

@@ -214,7 +214,7 @@ def by_hand_relative(
     noise_floor: float = 1e-6,
     layers: list[str] = LAYERS,
 ) -> dict[str, Any]:
-    """design.md section 5's relative rule in float64 from the recorded divergences, written
+    """The relative rule in float64 from the recorded divergences, written
     independently of ``lr_rules``: mean over the interval / ln 2, eq. 12 with Adam's bias
     correction, ratio to the geometric mean (one layer: to its first eta_hat), power, clip; the
     factor replaces the previous one on top of the scheduler's own rates."""

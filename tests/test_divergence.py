@@ -129,7 +129,7 @@ def test_kl_matches_scipy_entropy(sparse: bool) -> None:
 
 
 def test_nearly_equal_maps_never_go_negative_in_float32() -> None:
-    """design.md section 4: the textbook form of eqs. 9-10 leaves about a third of nearly equal
+    """The textbook form of eqs. 9-10 leaves about a third of nearly equal
     float32 pairs below 0; this form keeps every value >= 0 and within 1e-3 of SciPy (float64)."""
     generator = torch.Generator().manual_seed(0)
     p = torch.rand(1000, 64, generator=generator)

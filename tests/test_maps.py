@@ -220,7 +220,7 @@ def _permuted_copy(student: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def test_sorted_alignment_sees_through_a_function_preserving_permutation() -> None:
-    """design.md section 3: a teacher that is the student with permuted hidden channels (equal
+    """A teacher that is the student with permuted hidden channels (equal
     logits) has the same Jacobian weight maps up to the permutation. The default alignment gives
     JSD < 1e-4 on every layer; index alignment reports a large divergence on the permuted one."""
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""The scale-free ``rule="relative"`` of ``LayerwiseLRCallback`` (design.md section 5): golden
+"""The scale-free ``rule="relative"`` of ``LayerwiseLRCallback``: golden
 values by hand, invariance to the divergence scale and the dataset size, no compounding, one
 layer, the noise floor and non-finite divergences, clipping."""
 
