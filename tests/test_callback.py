@@ -271,6 +271,13 @@ def assert_close_dicts(got: dict[str, float], want: dict[str, float], rel: float
         assert got[key] == pytest.approx(want[key], rel=rel, abs=0.0, nan_ok=True), key
 
 
+def assert_trajectory(trainer: Trainer, recorder: DivergenceRecorder, want: dict[str, Any]) -> None:
+    """Every training batch's rates and the rates left at the end are the hand-computed ones."""
+    for got, expected in zip(recorder.batch_lrs, want["batch_lrs"], strict=True):
+        assert_close_dicts(got, expected)
+    assert_close_dicts(group_lrs(trainer), want["final_lrs"])
+
+
 def assert_history(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
     assert [r["epoch"] for r in got] == [r["epoch"] for r in want]
     for g, w in zip(got, want, strict=True):
@@ -515,9 +522,7 @@ def test_rates_match_hand_computation(
     assert want["eta"]["0"] == pytest.approx((1 - gamma) * a0, rel=RTOL)  # eta_init = 0
 
     # optimizer: every batch's rates, and the rates left at the end of fit (base untouched)
-    for got, expected in zip(recorder.batch_lrs, want["batch_lrs"], strict=True):
-        assert_close_dicts(got, expected)
-    assert_close_dicts(group_lrs(trainer), want["final_lrs"])
+    assert_trajectory(trainer, recorder, want)
     assert recorder.batch_lrs[:BATCHES] == [{g: alone[k] for g in GROUPS} for k in range(BATCHES)]
     assert all(want["factor"][n] != pytest.approx(1.0) for n in LAYERS)  # the test has teeth
 
@@ -632,9 +637,7 @@ def test_factor_survives_more_schedulers(tmp_path: Path, make_scheduler: Callabl
     trainer, recorder = fit_contract(module, callback, tmp_path, 4)
     alone = scheduler_alone(make_scheduler, "epoch", 4, BATCHES)
     want = by_hand(recorder, alone, epochs=4, batches=BATCHES, every_n_epochs=1, gamma=0.5)
-    for got, expected in zip(recorder.batch_lrs, want["batch_lrs"], strict=True):
-        assert_close_dicts(got, expected)
-    assert_close_dicts(group_lrs(trainer), want["final_lrs"])
+    assert_trajectory(trainer, recorder, want)
 
 
 # -------------------------------------------------------------------------------- 2. NaN
@@ -657,9 +660,7 @@ def test_nan_divergence_skips_layer_with_warning(tmp_path: Path) -> None:
     assert set(callback.history[1]) == {"epoch", "0", "1"}
     assert all(lrs["1"] == LR for lrs in recorder.batch_lrs[: 2 * BATCHES])  # unchanged
     assert recorder.batch_lrs[BATCHES]["0"] != LR  # the other layer did update
-    for got, expected in zip(recorder.batch_lrs, want["batch_lrs"], strict=True):
-        assert_close_dicts(got, expected)
-    assert_close_dicts(group_lrs(trainer), want["final_lrs"])
+    assert_trajectory(trainer, recorder, want)
     assert_close_dicts(callback.eta, want["eta"])
     assert_history(callback.history, want["history"])
     # eta of "1" only saw epoch 1: (1 - gamma) * A
@@ -721,9 +722,7 @@ def test_drop_in_with_plain_lightning_module(tmp_path: Path) -> None:
     want = by_hand(
         recorder, scheduler_alone(None, "epoch", 2, BATCHES), epochs=2, batches=BATCHES, **kwargs
     )
-    for got, expected in zip(recorder.batch_lrs, want["batch_lrs"], strict=True):
-        assert_close_dicts(got, expected)
-    assert_close_dicts(group_lrs(trainer), want["final_lrs"])
+    assert_trajectory(trainer, recorder, want)
     assert_close_dicts(callback.eta, want["eta"])
     assert_history(callback.history, want["history"])
     for name in LAYERS:  # the last epoch updated: its values are in callback_metrics

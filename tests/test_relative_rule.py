@@ -22,6 +22,7 @@ from test_callback import (
     _multistep,
     assert_close_dicts,
     assert_history,
+    assert_trajectory,
     by_hand,
     by_hand_relative,
     fit_contract,
@@ -73,9 +74,7 @@ def test_relative_rates_match_hand_computation(tmp_path: Path) -> None:
     trainer, recorder = fit_contract(module, callback, tmp_path, 4)
     alone = scheduler_alone(_multistep, "epoch", 4, BATCHES)
     want = by_hand_relative(recorder, alone, epochs=4, batches=BATCHES, every_n_epochs=1, gamma=0.7)
-    for got, expected in zip(recorder.batch_lrs, want["batch_lrs"], strict=True):
-        assert_close_dicts(got, expected)
-    assert_close_dicts(group_lrs(trainer), want["final_lrs"])
+    assert_trajectory(trainer, recorder, want)
     assert_history(callback.history, want["history"])
     assert all(f != pytest.approx(1.0) for f in want["factor"].values())  # the test has teeth
     # with two layers the factors are reciprocal (geometric mean 1)
