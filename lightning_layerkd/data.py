@@ -409,8 +409,8 @@ def _check_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 class ArraysDataModule(ImageDataModule):
     """Images and labels from NumPy arrays: ``x_train.npy``, ``y_train.npy``, ``x_test.npy``,
     ``y_test.npy`` in ``data_dir``, or one ``.npz`` with those keys (``data_dir`` may be the
-    file or a folder holding exactly one). This is how the unpacked CIFAR arrays of
-    ``../shared/data`` are used (``python ../shared/data/unpack.py cifar10 /tmp/cifar10``).
+    file or a folder holding exactly one), e.g. CIFAR-10 saved as NumPy arrays in
+    ``/tmp/cifar10``.
 
     Images are uint8 ``(N, H, W, C)`` (greyscale ``(N, H, W)`` gives one channel) and labels
     integers; validation and test use the test split. ``num_classes`` defaults to the largest
@@ -537,9 +537,8 @@ class CifarDataModule(ImageDataModule):
             raise FileNotFoundError(
                 f"{self.name} was not found in data_dir={self.data_dir} and download=False. "
                 "Pass download=True (needs internet access) to fetch it there, or use "
-                "dataset=arrays with data_dir pointing at unpacked arrays (e.g. "
-                f"python ../shared/data/unpack.py {self.name} /tmp/{self.name}; then "
-                f"data_dir=/tmp/{self.name})."
+                "dataset=arrays with data_dir pointing at a folder of x_train.npy, y_train.npy, "
+                f"x_test.npy, y_test.npy (e.g. data_dir=/tmp/{self.name})."
             ) from err
 
     def prepare_data(self) -> None:
