@@ -155,7 +155,7 @@ class LayerwiseLRCallback(Callback):
         self._count: dict[str, int] = {}
         self._epochs_in_interval = 0
         self._last_epoch_ended = -1
-        self._warned: set[tuple[str, str]] = set()
+        self._warned: set[str] = set()  # layers warned about for lacking signal
         self.history: list[dict[str, Any]] = []
 
     @property
@@ -249,8 +249,11 @@ class LayerwiseLRCallback(Callback):
     def _eta_logged(self, name: str) -> float:
         if self.rule == "paper":
             return self.eta.get(name, self.eta_init)
-        t = self.updates.get(name, 0)
-        return self.eta[name] / (1 - self.gamma**t) if t else 0.0
+        return self._eta_hat(name) if self.updates.get(name) else 0.0
+
+    def _eta_hat(self, name: str) -> float:
+        """Bias-corrected ``eta_j / (1 - gamma ** t)`` at the layer's ``t``-th update."""
+        return self.eta[name] / (1 - self.gamma ** self.updates[name])
 
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         names = sorted(self._sum)
@@ -293,15 +296,14 @@ class LayerwiseLRCallback(Callback):
                 )
                 self._warn_once(
                     name,
-                    "floor",
                     f"LayerwiseLRCallback: the divergence of layer {name!r} is {d:.3g} "
                     f"({why}): its map carries no signal, so the layer keeps factor 1 and is left "
                     "out of the geometric mean",
                 )
                 continue
             self.eta[name] = self.gamma * self.eta.get(name, 0.0) + (1 - self.gamma) * d  # eq. 12
-            t = self.updates[name] = self.updates.get(name, 0) + 1
-            eta_hat[name] = self.eta[name] / (1 - self.gamma**t)  # step 2: bias correction
+            self.updates[name] = self.updates.get(name, 0) + 1
+            eta_hat[name] = self._eta_hat(name)  # step 2: bias correction
             self.reference.setdefault(name, eta_hat[name])
         factors = relative_factors(
             eta_hat, power=self.power, max_factor=self.max_factor, reference=self.reference
@@ -373,9 +375,9 @@ class LayerwiseLRCallback(Callback):
                             if isinstance(values, list) and index < len(values):
                                 values[index] *= factor
 
-    def _warn_once(self, name: str, reason: str, message: str) -> None:
-        if (name, reason) not in self._warned:
-            self._warned.add((name, reason))
+    def _warn_once(self, name: str, message: str) -> None:
+        if name not in self._warned:
+            self._warned.add(name)
             rank_zero_warn(message)
 
     # ------------------------------------------------------------------ helpers
@@ -414,7 +416,7 @@ class LayerwiseLRCallback(Callback):
         self.updates = dict(state_dict.get("updates", {}))
         self.reference = dict(state_dict.get("reference", {}))
         self.factor = dict(state_dict.get("factor", {}))
-        self._warned = {tuple(item) for item in state_dict.get("warned", [])}  # type: ignore[misc]
+        self._warned = set(state_dict.get("warned", []))
         self._sum = dict(state_dict["sum"])
         self._count = dict(state_dict["count"])
         self._epochs_in_interval = int(state_dict["epochs_in_interval"])
