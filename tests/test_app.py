@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from fixtures import make_coco_fixture
 from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
@@ -20,7 +21,6 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from lightning_layerkd import LayerwiseLRCallback
-from lightning_layerkd.data import make_coco_fixture
 from lightning_layerkd.report import collect, table
 from lightning_layerkd.train import ConfigError, format_result, run
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_trainer_kwargs
+from fixtures import make_coco_fixture
 
 from lightning_layerkd import DistillationModule
 from lightning_layerkd.data import (
@@ -19,7 +20,6 @@ from lightning_layerkd.data import (
     CocoDataModule,
     DigitsDataModule,
     RandomCropFlip,
-    make_coco_fixture,
     select_subset,
     stratified_split,
 )
