@@ -72,8 +72,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_layerkd.layers import FeatureHooks, conversion_conv
-from lightning_layerkd.maps import compute_maps
+from lightning_layerkd.derivatives import compute_maps
+from lightning_layerkd.hooks import FeatureHooks
+from lightning_layerkd.layers import conversion_conv
+from lightning_layerkd.methods import method_class
 from lightning_layerkd.models import resnet
 from lightning_layerkd.module import DistillationModule
 
@@ -153,10 +155,9 @@ def build_step(
         module = DistillationModule(None, student, method="none", num_classes=NUM_CLASSES)
     else:
         kwargs: dict[str, Any] = {"layers": LAYERS, "num_classes": NUM_CLASSES}
-        if config.wrt is not None:
-            kwargs["wrt"] = config.wrt
-        try:
-            kwargs["method"] = config.method  # may be a method this version lacks
+        try:  # may be a method this version lacks
+            options = {"wrt": config.wrt} if config.wrt is not None else {}
+            kwargs["method"] = method_class(config.method)(**options)
             module = DistillationModule(teacher, student, **kwargs)
         except ValueError as err:
             raise Skipped(f"DistillationModule(method={config.method!r}): {err}") from err

@@ -42,7 +42,8 @@ from step_cost import (
     make_networks,
 )
 
-from lightning_layerkd.maps import compute_maps
+from lightning_layerkd.derivatives import compute_maps
+from lightning_layerkd.methods import method_class
 from lightning_layerkd.module import DistillationModule
 
 DERIVATIVE_CONFIGS = [c for c in CONFIGS.values() if c.method in ("jacobian", "hessian")]
@@ -64,10 +65,11 @@ def phases(pair: str, batch_size: int, configs: list[str], args: argparse.Namesp
     timers["floor step"] = build_step(CONFIGS["floor"], teacher, student, x, y)
     for name in configs:
         config = CONFIGS[name]
+        options = {"wrt": config.wrt} if config.wrt is not None else {}
+        method = method_class(config.method)(**options)
         module = DistillationModule(
-            teacher, student, method=config.method, wrt=config.wrt, layers=LAYERS,
-            num_classes=NUM_CLASSES,
-        )  # fmt: skip
+            teacher, student, method=method, layers=LAYERS, num_classes=NUM_CLASSES
+        )
         module.resolve_layers(x)
         hooks = module._teacher_hooks  # the module's own hooks on the teacher
         assert hooks is not None

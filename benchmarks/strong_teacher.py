@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from lightning_layerkd import DistillationModule, LayerwiseLRCallback
 from lightning_layerkd.data import ArrayImageDataset, RandomCropFlip
+from lightning_layerkd.methods import method_class
 from lightning_layerkd.models import resnet
 
 #: The teacher's normalisation (CIFAR-10 train split statistics, [0, 1] scale).
@@ -108,11 +109,10 @@ def run_one(args: argparse.Namespace, name: str, seed: int, test: DataLoader) ->
     module = DistillationModule(
         teacher,
         student,
-        method=config["method"],
+        method=method_class(config["method"])(**options),
         num_classes=10,
         optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4),
         scheduler=partial(torch.optim.lr_scheduler.MultiStepLR, milestones=milestones, gamma=0.1),
-        **options,
     )
     callbacks = []
     if config["schedule"] is not None:

@@ -1,13 +1,15 @@
-"""Jensen-Shannon divergence between map distributions (Kokane et al. 2024, eqs. 8-10)."""
+"""Divergences: the Jensen-Shannon divergence between map distributions (Kokane et al. 2024,
+eqs. 8-10) and logit distillation's temperature-scaled KL (Hinton et al. 2015)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LN2", "js_divergence", "kl_divergence"]
+__all__ = ["LN2", "js_divergence", "kl_divergence", "logit_distillation_loss"]
 
 #: The upper bound of the natural-log JSD with equal weights.
 LN2 = math.log(2.0)
@@ -76,3 +78,47 @@ def js_divergence(p: Tensor, q: Tensor, dim: int = -1) -> Tensor:
     p_term = p * _log_one_plus(r, 2 * p / safe_total)
     q_term = q * _log_one_plus(-r, 2 * q / safe_total)
     return (0.5 * (p_term + q_term).clamp_min(0.0)).sum(dim)  # eq. 9, >= 0 by construction
+
+
+def logit_distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 4.0,
+    *,
+    task: str = "multiclass",
+    reduction: str = "mean",
+) -> Tensor:
+    """Logit distillation (Hinton et al. 2015, section 2): ``T^2 KL(p_T || p_S)`` with
+    ``p = softmax(z / T)``; the ``T^2`` keeps its gradient's scale independent of ``T``.
+
+    ``task="multilabel"`` treats each label as its own two-class softmax (a sigmoid):
+    ``T^2 mean_k KL(Bernoulli(sigmoid(z_T,k / T)) || Bernoulli(sigmoid(z_S,k / T)))``.
+    ``reduction``: ``"mean"`` over samples or ``"none"`` (one value per sample). Computed in
+    float32 at least; the teacher's logits are constants.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} must have the same shape"
+        )
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    s = student_logits.to(dtype) / temperature
+    t = teacher_logits.detach().to(dtype) / temperature
+    if task == "multiclass":
+        log_p_t, log_p_s = F.log_softmax(t, dim=-1), F.log_softmax(s, dim=-1)
+        per_sample = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
+    elif task == "multilabel":
+        # KL between Bernoullis: q log(q/p) + (1-q) log((1-q)/(1-p)), with log-sigmoids
+        q = torch.sigmoid(t)
+        kl = q * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - q) * (
+            F.logsigmoid(-t) - F.logsigmoid(-s)
+        )
+        per_sample = kl.mean(dim=-1)
+    else:
+        raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
+    loss = temperature**2 * per_sample
+    return loss.mean() if reduction == "mean" else loss

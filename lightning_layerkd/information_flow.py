@@ -395,7 +395,8 @@ def layer_information(
 ) -> list[float]:
     """Nearest-centroid accuracy (the MI proxy of Fig. 2) of each layer in ``paths`` and of the
     output, on ``batches`` of ``(inputs, labels)``, leave-one-out, the model in eval mode."""
-    from lightning_layerkd.layers import FeatureHooks, resolve_module
+    from lightning_layerkd.hooks import FeatureHooks
+    from lightning_layerkd.layers import resolve_module
 
     modules = [resolve_module(model, path) for path in paths]
     hooks = FeatureHooks(modules, list(paths))

@@ -30,8 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_layerkd.layers import FeatureHooks, resolve_module
-from lightning_layerkd.maps import _grad, _LeanAutograd
+from lightning_layerkd.hooks import FeatureHooks
+from lightning_layerkd.layers import resolve_module
+from lightning_layerkd.lean_autograd import LeanAutograd
+from lightning_layerkd.maps import at_least_float32
 
 __all__ = [
     "PixelJacobian",
@@ -44,11 +46,6 @@ __all__ = [
     "layer_jacobians",
     "pool_window",
 ]
-
-
-def _at_least_float32(t: Tensor) -> Tensor:
-    # half precision is upcast; float64 stays float64
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _leaf(x: Tensor) -> Tensor:
@@ -137,8 +134,8 @@ def jacobian_matching_loss(
             "jacobian_matching_loss needs Jacobians of the same shape, got "
             f"{tuple(j_student.shape)} and {tuple(j_teacher.shape)}"
         )
-    s = F.normalize(_at_least_float32(j_student).flatten(1), dim=1, eps=eps)
-    t = F.normalize(_at_least_float32(j_teacher.detach()).flatten(1), dim=1, eps=eps)
+    s = F.normalize(at_least_float32(j_student).flatten(1), dim=1, eps=eps)
+    t = F.normalize(at_least_float32(j_teacher.detach()).flatten(1), dim=1, eps=eps)
     per_sample = (s - t).square().sum(dim=1)
     if reduction == "none":
         return per_sample
@@ -158,8 +155,8 @@ def activation_matching_loss(student_logits: Tensor, teacher_logits: Tensor) -> 
             "activation_matching_loss needs outputs of the same shape, got "
             f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
         )
-    s = _at_least_float32(student_logits).flatten(1)
-    t = _at_least_float32(teacher_logits.detach()).flatten(1)
+    s = at_least_float32(student_logits).flatten(1)
+    t = at_least_float32(teacher_logits.detach()).flatten(1)
     return (s - t).square().sum(dim=1).mean()
 
 
@@ -182,14 +179,14 @@ def jacobian_norm_penalty(
         if target is not None:
             c = _classes(logits, target)
             (j,) = torch.autograd.grad(logits.gather(1, c.view(-1, 1)).sum(), x, create_graph=True)
-            total = _at_least_float32(j).flatten(1).square().sum(dim=1)
+            total = at_least_float32(j).flatten(1).square().sum(dim=1)
         else:
             total = x.new_zeros(x.shape[0], dtype=torch.promote_types(x.dtype, torch.float32))
             for k in range(logits.shape[1]):
                 (j,) = torch.autograd.grad(
                     logits[:, k].sum(), x, create_graph=True, retain_graph=True
                 )
-                total = total + _at_least_float32(j).flatten(1).square().sum(dim=1)
+                total = total + at_least_float32(j).flatten(1).square().sum(dim=1)
     return logits, total.mean()
 
 
@@ -292,7 +289,7 @@ def _pooled_pixel(
         raise ValueError(
             f"layer '{path}' must output (B, C, H, W) features, got shape {tuple(features.shape)}"
         )
-    attention = _at_least_float32(features).square().sum(dim=1, keepdim=True)  # eq. 8
+    attention = at_least_float32(features).square().sum(dim=1, keepdim=True)  # eq. 8
     size = (attention.shape[-2], attention.shape[-1])
     kernel = pool_window(size) if window is None else window
     pooled = F.avg_pool2d(attention, kernel, stride=stride).squeeze(1)  # (B, H', W')
@@ -342,10 +339,11 @@ def layer_jacobians(
             f"{len(hooks.modules)}; pair them one to one"
         )
     # the student's Jacobians are differentiated again: convolutions with a native double backward
-    lean = _LeanAutograd(tangents=False, double_backward=True) if create_graph else nullcontext()
+    lean = LeanAutograd(tangents=False, double_backward=True)
+    active = lean if create_graph else nullcontext()
     with torch.enable_grad():
         x = _leaf(x)
-        with hooks.record() as recording, lean:
+        with hooks.record() as recording, active:
             logits = _check_logits(model(x))
             features = hooks.outputs(recording)
         c = _classes(logits, target)
@@ -358,7 +356,7 @@ def layer_jacobians(
             scalars.append(picked)
             chosen.append((index, pooled))
         jacobians = [
-            _grad(
+            lean.grad(
                 scalar,
                 [x],
                 create_graph=create_graph,

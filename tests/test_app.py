@@ -21,13 +21,24 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from lightning_layerkd import LayerwiseLRCallback
-from lightning_layerkd.report import collect, table
-from lightning_layerkd.train import ConfigError, format_result, run
+from lightning_layerkd.app.report import collect, divergence_table, table
+from lightning_layerkd.app.train import ConfigError, format_result, run
+from lightning_layerkd.methods import DistillationMethod, method_names
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = {
     group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-    for group in ("dataset", "model", "method", "schedule", "trainer", "logger", "experiment")
+    for group in (
+        "dataset",
+        "model",
+        "method",
+        "optimizer",
+        "schedule",
+        "callbacks",
+        "trainer",
+        "logger",
+        "experiment",
+    )
 }
 # epochs and batches small enough for seconds per run; every_n_epochs=1 so the callback acts
 TINY = [
@@ -80,14 +91,9 @@ def shared_cache(shared_cache_dir, monkeypatch) -> Path:
 
 
 def test_groups_ship_the_paper_rows():
-    assert GROUPS["method"] == [
-        "attention",
-        "hessian",
-        "information_flow",
-        "jacobian",
-        "jacobian_matching",
-        "none",
-    ]
+    # one config per registered method, named as registered
+    assert GROUPS["method"] == sorted(method_names())
+    assert GROUPS["optimizer"] == ["adamw", "sgd"]
     assert GROUPS["schedule"] == ["critical_period", "layerwise", "multistep", "none"]
     assert {"digits", "cifar10", "cifar100", "coco", "arrays"} <= set(GROUPS["dataset"])
     assert GROUPS["experiment"] == ["cifar100_table1", "cifar10_table1", "coco_table2"]
@@ -127,8 +133,8 @@ def test_every_schedule_instantiates(option):
     if option == "none":
         assert cfg.schedule.scheduler is None and cfg.schedule.layerwise is None
         return
-    if option == "critical_period":
-        assert dict(cfg.schedule.critical_period) == {"alpha_init": 100.0, "gamma": 0.7}
+    if option == "critical_period":  # eq. 10's weights go to the information-flow method
+        assert dict(cfg.method.critical_period) == {"alpha_init": 100.0, "gamma": 0.7}
     scheduler = instantiate(cfg.schedule.scheduler)(optimizer)
     assert list(scheduler.milestones) == list(cfg.milestones)
     if option == "layerwise":
@@ -137,14 +143,33 @@ def test_every_schedule_instantiates(option):
         assert callback.every_n_epochs == cfg.every_n_epochs and callback.gamma == 0.9
 
 
-@pytest.mark.parametrize("option", GROUPS["trainer"] + GROUPS["logger"] + GROUPS["method"])
-def test_trainer_logger_method_options_compose(option):
-    group = next(g for g in ("trainer", "logger", "method") if option in GROUPS[g])
-    cfg = config(f"{group}={option}")
+OBJECT_GROUPS = ("trainer", "logger", "method", "optimizer", "callbacks")
+
+
+@pytest.mark.parametrize("option", [o for g in OBJECT_GROUPS for o in GROUPS[g]])
+def test_trainer_logger_method_optimizer_callback_options_compose_and_build(option, tmp_path):
+    """Every option of the object groups composes, and its _target_ nodes build the object
+    the app would use: a method registered under the option's name, an optimizer over param
+    groups, Lightning callbacks and loggers."""
+    group = next(g for g in OBJECT_GROUPS if option in GROUPS[g])
+    extra = ["logger.group=test"] if option == "wandb" else []  # no sweep dir outside hydra
+    cfg = config(f"{group}={option}", f"output_dir={tmp_path}", *extra)
     if group == "trainer" and option == "cpu":
         pl.Trainer(**OmegaConf.to_container(cfg.trainer), logger=False)
     if group == "method":
-        assert cfg.method.name == option and cfg.method.wrt in ("weight", "activation")
+        method = instantiate(cfg.method, _convert_="all")
+        assert isinstance(method, DistillationMethod) and method.name == option
+    if group == "optimizer":
+        groups = [{"params": [torch.zeros(2, requires_grad=True)], "name": "base"}]
+        optimizer = instantiate(cfg.optimizer)(groups)
+        assert optimizer.param_groups[0]["lr"] == cfg.lr
+    if group == "callbacks":
+        built = [instantiate(node) for node in cfg.callbacks.values()]
+        assert all(isinstance(c, pl.Callback) for c in built)
+    if group == "logger" and option == "csv":
+        assert isinstance(instantiate(cfg.logger), pl.loggers.CSVLogger)
+    if group == "logger" and option == "none":
+        assert cfg.logger is None
 
 
 @pytest.mark.parametrize("option", GROUPS["experiment"])
@@ -198,6 +223,24 @@ def test_digits_run_writes_results(method, schedule, tmp_path, shared_cache):
         assert written["auxiliary"] == {}
     assert "crucial layers" in format_result(results)
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    # the method names its divergence; the metric keys and the report follow it
+    name = {"jacobian_matching": "jacobian_matching", "information_flow": "pkt"}.get(method, "jsd")
+    assert written["divergence_name"] == name
+    assert f"val/{name}/layer1" in written["student"]["history"][-1]
+    _, rows = divergence_table([written])
+    assert [row[2:4] for row in rows] == [[name, f"layer{k}"] for k in (1, 2, 3)]
+
+
+def test_logit_distillation_run_and_its_term_on_a_feature_method(tmp_path, shared_cache):
+    """method=logits trains with one param group; logit_weight adds the term to attention."""
+    results = run(config(*TINY, "method=logits", "schedule=multistep"), tmp_path / "a")
+    assert results["method"] == "logits" and results["layer_pairs"] == []
+    assert set(results["final_lrs"]) == {"base"} and results["teacher"]["val_acc"] is not None
+    overrides = ("method.logit_weight=0.5", "logger=csv", "trainer.log_every_n_steps=1")
+    results = run(config(*TINY, *overrides), tmp_path / "b")
+    assert results["method_options"]["logit_weight"] == 0.5
+    (metrics,) = (tmp_path / "b").rglob("metrics.csv")
+    assert "train/logit_loss" in metrics.read_text().splitlines()[0]
 
 
 def test_teacher_is_trained_once_then_loaded_from_cache(tmp_path, cache):
@@ -252,16 +295,18 @@ def test_every_n_epochs_beyond_epochs_fails_before_training(tmp_path, cache):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("method.wrt=foo", r"wrt must be one of \['weight', 'activation'\]"),
-        ("method.num_probes=0", "num_probes must be at least 1"),
+        ("method=jacobian,method.wrt=foo", r"wrt must be one of \['weight', 'activation'\]"),
+        ("method=hessian,method.num_probes=0", "num_probes must be at least 1"),
         ("method=hessian,method.teacher_probes=0", "teacher_probes must be at least 1"),
         ("schedule.layerwise.gamma=2", r"gamma must lie in \(0, 1\)"),
         ("schedule.layerwise.reduction=max", "reduction must be 'sum' or 'mean'"),
         ("schedule.layerwise.reduction=mean", r"\['reduction'\] only apply to rule='paper'"),
         ("schedule.layerwise.rule=adam", r"rule must be one of \['relative', 'paper'\]"),
         ("method=none", "schedule=layerwise needs crucial layers"),
-        ("schedule=critical_period", "does not apply to method=attention"),
-        ("method=information_flow,+method.options.alpha=2", r"\['alpha'\] are not options"),
+        ("schedule=critical_period", "applies to method=information_flow only"),
+        ("method=logits", "schedule=layerwise needs crucial layers, but method=logits"),
+        ("method=information_flow,+method.alpha=2", r"\['alpha'\] are not options of Inf"),
+        ("optimizer.momentum=-1", "invalid optimizer or schedule settings"),
         ("method=information_flow,model=coco_resnet50_resnet34", "has no 'width'"),
     ],
 )
@@ -333,6 +378,25 @@ def test_multirun_and_report_console_scripts(tmp_path, cache):
     assert all(not Path(r["_dir"]).is_absolute() for r in runs)
 
 
+def test_report_reads_each_runs_divergence_name():
+    def result(method, name, value, seed):
+        history = [{"epoch": 1, "val/acc": 0.5, f"val/{name}/layer1": value}]
+        return {
+            "method": method,
+            "schedule": "layerwise",
+            "dataset": "D",
+            "divergence_name": name,
+            "student": {"val_acc": 0.5, "history": history},
+        }
+
+    runs = [result("information_flow", "pkt", 0.2, 0), result("information_flow", "pkt", 0.4, 1)]
+    runs.append(result("my_method", "cosine", 0.01, 0))  # a user's method, after the built-ins
+    header, rows = divergence_table(runs)
+    assert header == ["Method", "Learning Rate update", "Divergence", "Layer", "D"]
+    assert rows[0] == ["information_flow", "Layerwise Update", "pkt", "layer1", "0.3 ± 0.14 (n=2)"]
+    assert rows[1] == ["my_method", "Layerwise Update", "cosine", "layer1", "0.01"]
+
+
 def test_report_table_means_and_stds_over_seeds():
     def result(method, schedule, acc, seed):
         return {
@@ -361,7 +425,7 @@ def test_wandb_logger_runs_offline_with_panels_and_map_images(tmp_path, shared_c
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc credentials
     cfg = config(
-        *TINY[:-1], "logger=wandb", "logger.map_images_every_n_epochs=1", "logger.group=test"
+        *TINY[:-1], "logger=wandb", "callbacks.map_images.every_n_epochs=1", "logger.group=test"
     )
     run(cfg, tmp_path / "out")
     assert os.environ["WANDB_MODE"] == "offline"

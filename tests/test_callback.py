@@ -41,6 +41,7 @@ from torch.optim.lr_scheduler import (
 )
 
 from lightning_layerkd import DistillationModule, LayerwiseLRCallback
+from lightning_layerkd.methods import method_class
 
 LAYERS = ["0", "1"]  # the crucial layers of make_tiny_cnn, also the param-group names
 GROUPS = [*LAYERS, "base"]
@@ -295,8 +296,8 @@ def distillation_module(
     return DistillationModule(
         make_tiny_cnn(8),
         make_tiny_cnn(4),
-        method=method,
-        wrt="weight",  # layer "1" feeds global pooling: its activation map is constant
+        # layer "1" feeds global pooling: its activation map is constant
+        method=method_class(method)(wrt="weight") if method in ("jacobian", "hessian") else method,
         layers=LAYERS,
         num_classes=10,
         optimizer=functools.partial(torch.optim.SGD, lr=lr, momentum=0.9),

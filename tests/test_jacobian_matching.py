@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.functional import jacobian
 
+from lightning_layerkd.hooks import FeatureHooks
 from lightning_layerkd.jacobian_matching import (
     PixelJacobian,
     activation_matching_loss,
@@ -23,7 +24,6 @@ from lightning_layerkd.jacobian_matching import (
     layer_jacobians,
     pool_window,
 )
-from lightning_layerkd.layers import FeatureHooks
 
 B, K, S = 4, 5, 10  # batch, classes, image side; inputs are (B, 3, S, S)
 

@@ -20,19 +20,13 @@ from torch import Tensor, nn
 from torch.autograd.functional import hessian, jacobian
 from torch.func import functional_call
 
-import lightning_layerkd.layers as layers_module
+import lightning_layerkd.hooks as hooks_module
 from lightning_layerkd import DistillationModule
+from lightning_layerkd.derivatives import compute_maps, hessian_map, jacobian_map
 from lightning_layerkd.divergence import js_divergence
-from lightning_layerkd.layers import FeatureHooks
-from lightning_layerkd.maps import (
-    attention_map,
-    compute_maps,
-    hessian_map,
-    jacobian_map,
-    match_maps,
-    score,
-    to_distribution,
-)
+from lightning_layerkd.hooks import FeatureHooks
+from lightning_layerkd.maps import attention_map, match_maps, score, to_distribution
+from lightning_layerkd.methods import JacobianMaps
 from lightning_layerkd.models import resnet
 
 B = 4  # batch size; inputs are (B, 3, 5, 5)
@@ -236,9 +230,7 @@ def test_sorted_alignment_sees_through_a_function_preserving_permutation() -> No
         module = DistillationModule(
             teacher,
             student,
-            method="jacobian",
-            wrt="weight",
-            weight_alignment=alignment,
+            method=JacobianMaps(wrt="weight", weight_alignment=alignment),
             num_classes=10,
             layers=["layer1", "layer2", "layer3"],
         )
@@ -354,7 +346,7 @@ def test_hessian_estimate_over_all_sign_vectors_is_the_diagonal(monkeypatch) -> 
     torch.testing.assert_close(hutchinson(h, signs).flatten(), h.diagonal(), rtol=0, atol=1e-12)
     # the library fed those 16 vectors as its probes gives |diag(H)|
     feed = iter(signs)
-    monkeypatch.setattr(layers_module, "rademacher_like", lambda like, *a, **k: next(feed))
+    monkeypatch.setattr(hooks_module, "rademacher_like", lambda like, *a, **k: next(feed))
     (got,) = hessian_map(model, x, ["3"], y, num_probes=16, wrt="weight")
     assert next(feed, None) is None
     assert_close32(got.flatten(), h.diagonal().abs())
@@ -554,7 +546,7 @@ def test_tangent_convolutions_match_pytorch_jvp_and_its_gradient(
     through the tangent as PyTorch's own formula (strided, padded, grouped)."""
     import torch.autograd.forward_ad as fwAD
 
-    from lightning_layerkd.maps import _LeanAutograd
+    from lightning_layerkd.lean_autograd import LeanAutograd
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -564,7 +556,7 @@ def test_tangent_convolutions_match_pytorch_jvp_and_its_gradient(
     tangents = [torch.randn_like(t) for t in (x, w, b)]
 
     def run(mode: bool) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
-        lean = _LeanAutograd(tangents=True, double_backward=double_backward)
+        lean = LeanAutograd(tangents=True, double_backward=double_backward)
         with fwAD.dual_level(), lean if mode else nullcontext():
             args = [
                 fwAD.make_dual(t, v) if flag else t
@@ -590,7 +582,7 @@ def test_lean_batch_norm_tangent_matches_the_formula_stats_and_gradient(training
     differs from this formula.)"""
     import torch.autograd.forward_ad as fwAD
 
-    from lightning_layerkd.maps import _LeanAutograd
+    from lightning_layerkd.lean_autograd import LeanAutograd
 
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -611,7 +603,7 @@ def test_lean_batch_norm_tangent_matches_the_formula_stats_and_gradient(training
         return primal.detach(), tangent.detach(), *torch.autograd.grad(loss, (x, x_t, weight, bias))
 
     mean, var = running()
-    with fwAD.dual_level(), _LeanAutograd(tangents=True, double_backward=False):
+    with fwAD.dual_level(), LeanAutograd(tangents=True, double_backward=False):
         out = F.batch_norm(fwAD.make_dual(x, x_t), mean, var, weight, bias, training, momentum, eps)
         got = outputs(*fwAD.unpack_dual(out))
 
@@ -643,14 +635,14 @@ def test_lean_batch_norm_output_takes_in_place_ops_without_copy_slices():
     the out-of-place network."""
     import torch.autograd.forward_ad as fwAD
 
-    from lightning_layerkd.maps import _LeanAutograd
+    from lightning_layerkd.lean_autograd import LeanAutograd
 
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     x_t = torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64)
 
     def run(inplace: bool) -> tuple[set[str], Tensor]:
-        with fwAD.dual_level(), _LeanAutograd(tangents=True, double_backward=False):
+        with fwAD.dual_level(), LeanAutograd(tangents=True, double_backward=False):
             out = F.relu(F.batch_norm(fwAD.make_dual(x, x_t), None, None, training=True), inplace)
             primal, tangent = fwAD.unpack_dual(out)
         loss = tangent.square().sum() + primal.sum()
@@ -685,7 +677,7 @@ def test_native_double_backward_convolution_matches_pytorch(
     """The convolution recorded under ``double_backward``: same output, first and second
     derivatives as PyTorch's convolution (a gradient of a gradient w.r.t. input, weight, bias and
     the output gradient), and ``gradgradcheck`` against finite differences."""
-    from lightning_layerkd.maps import _convolution
+    from lightning_layerkd.lean_autograd import native_convolution
 
     gen = torch.Generator().manual_seed(3)
     dims = len(shape) - 2
@@ -707,11 +699,11 @@ def test_native_double_backward_convolution_matches_pytorch(
         return (out.detach(), *(d.detach() for d in first), *second)
 
     expected = derivatives(conv)
-    got = derivatives(partial(_convolution, conv))
+    got = derivatives(partial(native_convolution, conv))
     for e, o in zip(expected, got, strict=True):
         torch.testing.assert_close(o, e)
     assert torch.autograd.gradgradcheck(
-        lambda *t: _convolution(conv, t[0], t[1], t[2] if bias else None, *params), inputs
+        lambda *t: native_convolution(conv, t[0], t[1], t[2] if bias else None, *params), inputs
     )
 
 
@@ -720,7 +712,7 @@ def test_native_double_backward_computes_only_the_requested_gradients():
     kernel (PyTorch's own convolution prunes the same way); ``backward()`` computes all."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from lightning_layerkd.maps import _grad, _LeanAutograd
+    from lightning_layerkd.lean_autograd import LeanAutograd
 
     masks: list[tuple[bool, ...]] = []
 
@@ -732,10 +724,11 @@ def test_native_double_backward_computes_only_the_requested_gradients():
 
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 2, 3))
     x = torch.randn(2, 2, 8, 8, requires_grad=True)
-    with _LeanAutograd(tangents=False, double_backward=True):
+    lean = LeanAutograd(tangents=False, double_backward=True)
+    with lean:
         out = model(x)
     with Record():
-        (gx,) = _grad(out.square().sum(), [x], create_graph=True)
+        (gx,) = lean.grad(out.square().sum(), [x], create_graph=True)
     assert masks == [(True, False, False)] * 2
     masks.clear()
     with Record():

@@ -13,10 +13,17 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_layerkd import DistillationModule
+from lightning_layerkd.derivatives import jacobian_map
 from lightning_layerkd.divergence import js_divergence
 from lightning_layerkd.information_flow import pkt_loss
 from lightning_layerkd.jacobian_matching import input_jacobian, jacobian_matching_loss
-from lightning_layerkd.maps import attention_map, jacobian_map, to_distribution
+from lightning_layerkd.maps import attention_map, to_distribution
+from lightning_layerkd.methods import (
+    AttentionMaps,
+    HessianMaps,
+    InformationFlow,
+    JacobianMaps,
+)
 from lightning_layerkd.models import resnet
 
 PAIRS = [("layer1", "layer1"), ("layer2", "layer2"), ("layer3", "layer3"), ("layer4", "layer4")]
@@ -151,10 +158,12 @@ def test_nested_crucial_layers_are_rejected():
 
 def test_bad_arguments_name_the_valid_choices():
     teacher, student = pair()
-    with pytest.raises(ValueError, match=r"method must be one of \['attention'"):
+    with pytest.raises(ValueError, match=r"unknown method 'fisher'; registered methods: \['att"):
         DistillationModule(teacher, student, num_classes=5, method="fisher")
     with pytest.raises(ValueError, match="wrt must be one of"):
-        DistillationModule(teacher, student, num_classes=5, wrt="input")
+        JacobianMaps(wrt="input")
+    with pytest.raises(TypeError, match="method must be a registered name"):
+        DistillationModule(teacher, student, num_classes=5, method=3)
     with pytest.raises(ValueError, match="needs a teacher"):
         DistillationModule(None, student, num_classes=5, method="attention")
     with pytest.raises(ValueError, match="layers must be 'auto'"):
@@ -193,10 +202,15 @@ def test_param_groups_hold_every_trainable_student_parameter_exactly_once():
     assert id(student.conv1.weight) in {id(p) for p in groups[-1]["params"]}
 
 
+MAPS = {"attention": AttentionMaps, "jacobian": JacobianMaps, "hessian": HessianMaps}
+
+
 # ---------------------------------------------------------------------- loss and gradients
 def test_attention_loss_is_cross_entropy_plus_weighted_jsd_by_hand():
     teacher, student = pair()
-    module = DistillationModule(teacher, student, num_classes=5, layers=PAIRS, map_weight=0.5)
+    module = DistillationModule(
+        teacher, student, num_classes=5, layers=PAIRS, method=AttentionMaps(map_weight=0.5)
+    )
     x, y = batch()
     out = module.training_step((x, y), 0)
     feats = {}
@@ -231,7 +245,7 @@ def test_attention_loss_is_cross_entropy_plus_weighted_jsd_by_hand():
 def test_map_term_trains_the_student_and_not_the_teacher(method, wrt):
     teacher, student = pair()
     module = DistillationModule(
-        teacher, student, num_classes=5, layers=PAIRS[:2], method=method, wrt=wrt
+        teacher, student, num_classes=5, layers=PAIRS[:2], method=MAPS[method](wrt=wrt)
     )
     x, y = batch()
     logits, divergences = module.layer_divergences(x, y, create_graph=True)
@@ -249,7 +263,9 @@ def test_map_term_trains_the_student_and_not_the_teacher(method, wrt):
 
 def test_validation_reports_accuracy_and_layer_jsd_for_derivative_maps(tmp_path):
     teacher, student = pair()
-    module = DistillationModule(teacher, student, num_classes=5, method="hessian", wrt="activation")
+    module = DistillationModule(
+        teacher, student, num_classes=5, method=HessianMaps(wrt="activation")
+    )
     fit = trainer(tmp_path, max_epochs=1)
     fit.fit(module, loader(), loader())
     metrics = fit.callback_metrics
@@ -278,7 +294,7 @@ def test_multilabel_uses_bce_and_reports_map_and_accuracy(tmp_path):
     y = (torch.rand(16, 5, generator=torch.Generator().manual_seed(1)) > 0.5).float()
     data = DataLoader(TensorDataset(x, y), batch_size=8)
     module = DistillationModule(
-        teacher, student, num_classes=5, task="multilabel", method="jacobian", wrt="activation"
+        teacher, student, num_classes=5, task="multilabel", method=JacobianMaps(wrt="activation")
     )
     out = module.training_step((x[:8], y[:8]), 0)
     logits = student(x[:8])
@@ -294,7 +310,7 @@ def test_label_free_target_and_student_alone():
     teacher, student = pair()
     x, y = batch()
     module = DistillationModule(
-        teacher, student, num_classes=5, layers=PAIRS, method="jacobian", map_target="teacher"
+        teacher, student, num_classes=5, layers=PAIRS, method=JacobianMaps(map_target="teacher")
     )
     out = module.training_step((x, torch.full_like(y, 4)), 0)  # labels unused by the maps
     ref = DistillationModule(teacher, student, num_classes=5, layers=PAIRS, method="jacobian")
@@ -311,7 +327,7 @@ def test_label_free_target_and_student_alone():
 def test_jacobian_weight_divergence_equals_functional_maps_by_hand():
     teacher, student = pair()
     module = DistillationModule(
-        teacher, student, num_classes=5, layers=PAIRS[1:3], method="jacobian", wrt="weight"
+        teacher, student, num_classes=5, layers=PAIRS[1:3], method=JacobianMaps(wrt="weight")
     )
     x, y = batch()
     _, divergences = module.layer_divergences(x, y, create_graph=False)
@@ -332,7 +348,7 @@ def test_jacobian_weight_divergence_equals_functional_maps_by_hand():
 def test_hessian_maps_run_under_bf16_autocast(wrt):
     teacher, student = pair()
     module = DistillationModule(
-        teacher, student, num_classes=5, layers=PAIRS[:2], method="hessian", wrt=wrt
+        teacher, student, num_classes=5, layers=PAIRS[:2], method=HessianMaps(wrt=wrt)
     )
     x, y = batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -355,8 +371,9 @@ def test_jacobian_matching_terms_train_the_student_through_input_jacobians():
         teacher, student, num_classes=5, layers=PAIRS[:2], method="jacobian_matching"
     )
     x, y = batch()
-    logits, divergences, map_loss, extra = module.loss_terms(x, y, create_graph=True)
-    assert extra == {} and set(divergences) == {"layer1", "layer2"}
+    logits, _, divergences, losses = module.distillation_terms(x, y, create_graph=True)
+    map_loss = losses.pop("map_loss")
+    assert losses == {} and set(divergences) == {"layer1", "layer2"}
     assert all(d.shape == (6,) and (d >= 0).all() and (d <= 4).all() for d in divergences.values())
     expected_output = jacobian_matching_loss(
         input_jacobian(student, x, y)[1], input_jacobian(teacher, x, y)[1]
@@ -370,17 +387,11 @@ def test_jacobian_matching_terms_train_the_student_through_input_jacobians():
 
 def test_information_flow_uses_critical_period_weights_of_the_epoch():
     teacher, student = pair()
-    options = {"critical_period": {"alpha_init": 100.0, "gamma": 0.7}}
-    module = DistillationModule(
-        teacher,
-        student,
-        num_classes=5,
-        layers=PAIRS[1:3],
-        method="information_flow",
-        method_options=options,
-    )
+    method = InformationFlow(critical_period={"alpha_init": 100.0, "gamma": 0.7})
+    module = DistillationModule(teacher, student, num_classes=5, layers=PAIRS[1:3], method=method)
     x, y = batch()
-    logits, divergences, map_loss, _ = module.loss_terms(x, y, create_graph=True)
+    _, _, divergences, losses = module.distillation_terms(x, y, create_graph=True)
+    map_loss = losses["map_loss"]
     layer_terms = sum(d[0] for d in divergences.values())
     with torch.no_grad():
         output_term = pkt_loss(student(x), teacher(x), reduction="mean")
@@ -388,10 +399,10 @@ def test_information_flow_uses_critical_period_weights_of_the_epoch():
     torch.testing.assert_close(
         map_loss.detach(), 100.0 * layer_terms + output_term, rtol=1e-4, atol=1e-6
     )
-    with pytest.raises(ValueError, match=r"\['alpha'\] are not options"):
-        DistillationModule(
-            teacher, student, num_classes=5, method="information_flow", method_options={"alpha": 1}
-        )
+    with pytest.raises(ValueError, match=r"critical_period takes alpha_init and gamma"):
+        InformationFlow(critical_period={"alpha": 1})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'alpha'"):
+        InformationFlow(alpha=1)
 
 
 # ------------------------------------------------------------- degenerate pairs (section 3)
@@ -401,7 +412,7 @@ def test_information_flow_uses_critical_period_weights_of_the_epoch():
         ("jacobian", "activation", ["layer1", "layer2", "layer3"]),
         ("hessian", "activation", ["layer1", "layer2", "layer3"]),
         ("jacobian", "weight", ["layer1", "layer2", "layer3", "layer4"]),
-        ("attention", "weight", ["layer1", "layer2", "layer3", "layer4"]),
+        ("attention", None, ["layer1", "layer2", "layer3", "layer4"]),
     ],
 )
 def test_auto_layers_leave_out_pairs_whose_map_is_constant(method, wrt, expected):
@@ -411,7 +422,11 @@ def test_auto_layers_leave_out_pairs_whose_map_is_constant(method, wrt, expected
     teacher, student = resnet(18, num_classes=10, width=8), resnet(10, num_classes=10, width=4)
     x = torch.randn(8, 3, 32, 32)
     module = DistillationModule(
-        teacher, student, method=method, wrt=wrt, num_classes=10, example_input=x
+        teacher,
+        student,
+        method=AttentionMaps() if method == "attention" else MAPS[method](wrt=wrt),
+        num_classes=10,
+        example_input=x,
     )
     assert [s for s, _ in module.resolve_layers()] == expected
 
@@ -425,8 +440,7 @@ def test_explicit_constant_pair_is_warned_about_by_name():
     module = DistillationModule(
         teacher,
         student,
-        method="jacobian",
-        wrt="activation",
+        method=JacobianMaps(wrt="activation"),
         num_classes=10,
         layers=["layer3", "layer4"],
         example_input=x,
@@ -440,7 +454,7 @@ def test_explicit_constant_pair_is_warned_about_by_name():
 
 
 def test_constant_map_layers_on_a_plain_cnn():
-    from lightning_layerkd.maps import constant_map_layers
+    from lightning_layerkd.derivatives import constant_map_layers
 
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -459,7 +473,7 @@ def test_constant_map_layers_on_a_plain_cnn():
 def test_teacher_and_student_probes_go_to_their_roles(monkeypatch):
     """Hessian maps: ``teacher_probes`` for the teacher's maps (no graph), ``num_probes`` for
     the student's; a bad count is refused with the option's name."""
-    import lightning_layerkd.module as module_file
+    import lightning_layerkd.methods.maps as module_file
 
     calls = []
     real = module_file.compute_maps
@@ -470,15 +484,24 @@ def test_teacher_and_student_probes_go_to_their_roles(monkeypatch):
 
     monkeypatch.setattr(module_file, "compute_maps", spy)
     teacher, student = pair()
-    module = DistillationModule(
-        teacher, student, num_classes=5, layers=PAIRS[:2], method="hessian", num_probes=2
-    )
-    assert module.teacher_probes == 1  # the default for wrt="activation"
-    options = dict(num_classes=5, layers=PAIRS[:2], method="hessian", wrt="weight")
-    assert DistillationModule(teacher, student, **options).teacher_probes == 4
-    module = DistillationModule(teacher, student, num_probes=2, teacher_probes=3, **options)
     x, y = batch()
+    module = DistillationModule(
+        teacher, student, num_classes=5, layers=PAIRS[:2], method=HessianMaps(num_probes=2)
+    )
     module.layer_divergences(x, y, create_graph=True)
+    assert calls == [(False, 1), (True, 2)]  # teacher_probes=None: 1 for wrt="activation"
+    calls.clear()
+    options = dict(num_classes=5, layers=PAIRS[:2])
+    DistillationModule(teacher, student, method=HessianMaps(wrt="weight"), **options)
+    DistillationModule(
+        teacher, student, method=HessianMaps(wrt="weight"), **options
+    ).layer_divergences(x, y, create_graph=False)
+    assert calls == [(False, 4), (False, 1)]  # teacher_probes=None: 4 for wrt="weight"
+    calls.clear()
+    method = HessianMaps(wrt="weight", num_probes=2, teacher_probes=3)
+    DistillationModule(teacher, student, method=method, **options).layer_divergences(
+        x, y, create_graph=True
+    )
     assert calls == [(False, 3), (True, 2)]
     with pytest.raises(ValueError, match="teacher_probes must be at least 1"):
-        DistillationModule(teacher, student, num_classes=5, method="hessian", teacher_probes=0)
+        HessianMaps(teacher_probes=0)

@@ -12,11 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["collect", "main", "plot_curves", "table"]
+from lightning_layerkd.methods import method_names
+
+__all__ = ["collect", "divergence_table", "main", "plot_curves", "table"]
 
 #: Table 1's names for the schedules (Kokane et al. 2024).
 SCHEDULE_LABELS = {"none": "None", "multistep": "Constant Update", "layerwise": "Layerwise Update"}
-METHOD_ORDER = ("attention", "jacobian", "hessian", "jacobian_matching", "information_flow")
 
 
 def collect(root: Path) -> list[dict[str, Any]]:
@@ -80,9 +81,53 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _method_key(method: str) -> tuple[int, str]:
-    if method == "none":  # the student alone goes last
-        return (len(METHOD_ORDER) + 1, method)
-    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+    """The registry's order (user methods after the built-in ones), the student alone last."""
+    order = [name for name in method_names() if name != "none"]
+    if method == "none":
+        return (len(order) + 1, method)
+    return (order.index(method) if method in order else len(order), method)
+
+
+def divergence_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The last epoch's validation divergence per crucial layer, mean ± std over seeds: rows
+    ``(method, LR update, layer)``, one column per dataset. Each method names its divergence
+    (``jsd``, ``pkt``, ...; ``divergence_name`` in results.json), which the metric keys use."""
+    datasets = sorted({run["dataset"] for run in runs})
+    cells: dict[tuple[str, str, str, str], dict[str, list[float]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for run in runs:
+        name = run.get("divergence_name")
+        history = run["student"]["history"]
+        if not name or not history:
+            continue
+        prefix = f"val/{name}/"
+        for key, value in history[-1].items():
+            if key.startswith(prefix):
+                row = (run["method"], run["schedule"], name, key[len(prefix) :])
+                cells[row][run["dataset"]].append(value)
+    header = ["Method", "Learning Rate update", "Divergence", "Layer", *datasets]
+    keys = sorted(cells, key=lambda k: (_method_key(k[0]), k[1], k[3]))
+    rows = [
+        [
+            m,
+            SCHEDULE_LABELS.get(s, s),
+            d,
+            layer,
+            *[_raw_cell(cells[m, s, d, layer].get(x, [])) for x in datasets],
+        ]
+        for m, s, d, layer in keys
+    ]
+    return header, rows
+
+
+def _raw_cell(values: Sequence[float]) -> str:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.4g}"
+    return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g} (n={len(values)})"
 
 
 def plot_curves(runs: list[dict[str, Any]], path: Path) -> Path:
@@ -149,6 +194,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     (out / "table1.md").write_text(text + "\n")
     with open(out / "table1.csv", "w", newline="") as handle:
         csv.writer(handle).writerows([header, *rows])
+    d_header, d_rows = divergence_table(runs)
+    if d_rows:
+        d_text = markdown(d_header, d_rows)
+        print("\nFinal validation divergence per crucial layer:\n" + d_text)
+        (out / "divergences.md").write_text(d_text + "\n")
     png = plot_curves(runs, out / "curves.png")
     # every run's results.json in one file, folders relative to DIR: the evidence behind the table
     for run in runs:

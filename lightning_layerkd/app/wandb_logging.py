@@ -11,7 +11,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
-from omegaconf import DictConfig
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_layerkd.methods import MapMethod
 
 __all__ = ["LayerPanels", "MapImageLogger", "finish", "has_credentials", "make_wandb_logger"]
 
@@ -27,24 +29,31 @@ def has_credentials() -> bool:
         return False
 
 
-def make_wandb_logger(cfg: DictConfig, root: Path, name: str) -> WandbLogger:
-    """A WandbLogger that runs offline (and says how to sync) when it cannot authenticate."""
+def make_wandb_logger(
+    *,
+    project: str,
+    save_dir: str | Path,
+    name: str = "student",
+    entity: str | None = None,
+    group: str | None = None,
+) -> WandbLogger:
+    """A WandbLogger that runs offline (and says how to sync) when it cannot authenticate;
+    the run is named after the job's overrides, ``name`` is its job type."""
     mode = os.environ.get("WANDB_MODE")
     if mode is None and not has_credentials():
         os.environ["WANDB_MODE"] = mode = "offline"
     if mode in ("offline", "dryrun"):
-        runs = root / "wandb"
+        runs = Path(save_dir) / "wandb"
         print(
             f"[layerkd] wandb is offline (no credentials or WANDB_MODE={mode}); runs are saved "
             f"under {runs}; upload them later with `wandb sync {runs}/offline-run-*`"
         )
-    job = _job_name(name)
     return WandbLogger(
-        project=cfg.logger.project,
-        entity=cfg.logger.get("entity"),
-        group=cfg.logger.get("group"),
-        name=job,
-        save_dir=str(root),
+        project=project,
+        entity=entity,
+        group=group,
+        name=_job_name(name),
+        save_dir=str(save_dir),
         job_type=name,
         config=None,
         reinit=True,
@@ -78,15 +87,7 @@ class LayerPanels(Callback):
     accumulated divergence, the layer-wise factor and the training JSD, re-plotted at the end
     of every epoch."""
 
-    KEYS = (
-        "layerwise/lr/",
-        "layerwise/eta/",
-        "layerwise/divergence/",
-        "layerwise/factor/",
-        "train/jsd/",
-        "train/jacobian_matching/",
-        "train/pkt/",
-    )
+    KEYS = ("layerwise/lr/", "layerwise/eta/", "layerwise/divergence/", "layerwise/factor/")
 
     def __init__(self) -> None:
         self.rows: list[list[Any]] = []
@@ -98,11 +99,13 @@ class LayerPanels(Callback):
         import wandb
 
         epoch = trainer.current_epoch
+        # the per-layer training term is named by the method (train/jsd/..., train/pkt/...)
+        keys = (*self.KEYS, f"train/{getattr(pl_module, 'divergence_name', 'divergence')}/")
         for key, value in trainer.callback_metrics.items():
-            for prefix in self.KEYS:
+            for prefix in keys:
                 if key.startswith(prefix):
                     self.rows.append([epoch, prefix.rstrip("/"), key[len(prefix) :], float(value)])
-        for prefix in self.KEYS:
+        for prefix in keys:
             quantity = prefix.rstrip("/")
             rows = [[e, layer, v] for e, q, layer, v in self.rows if q == quantity]
             if not rows:
@@ -114,7 +117,9 @@ class LayerPanels(Callback):
 
 
 class MapImageLogger(Callback):
-    """Logs teacher vs student maps of a fixed validation batch as images every few epochs."""
+    """Logs teacher vs student maps of a fixed validation batch as images every few epochs;
+    a method without layer maps (not a :class:`~lightning_layerkd.methods.MapMethod`) logs
+    none, with one message."""
 
     def __init__(self, every_n_epochs: int = 5, num_samples: int = 4) -> None:
         if every_n_epochs < 1:
@@ -122,6 +127,15 @@ class MapImageLogger(Callback):
         self.every_n_epochs = every_n_epochs
         self.num_samples = num_samples
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.enabled = True
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self.enabled = isinstance(getattr(pl_module, "method", None), MapMethod)
+        if not self.enabled:
+            rank_zero_info(
+                f"MapImageLogger: {getattr(pl_module, 'method', pl_module)!r} has no layer maps; "
+                "no map images are logged"
+            )
 
     def on_validation_batch_end(
         self,
@@ -132,6 +146,8 @@ class MapImageLogger(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        if not self.enabled:
+            return
         if self._batch is None and not trainer.sanity_checking and batch_idx == 0:
             x, y = pl_module.unpack_batch(batch)
             n = self.num_samples
@@ -139,7 +155,7 @@ class MapImageLogger(Callback):
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         loggers = _wandb_loggers(trainer)
-        if trainer.sanity_checking or not loggers or self._batch is None:
+        if trainer.sanity_checking or not loggers or self._batch is None or not self.enabled:
             return
         if (trainer.current_epoch + 1) % self.every_n_epochs:
             return

@@ -1,0 +1,4 @@
+"""The command-line application: ``layerkd-train`` (:mod:`~lightning_layerkd.app.train`, a Hydra
+app that trains or loads the teacher and distils the student), ``layerkd-report``
+(:mod:`~lightning_layerkd.app.report`) and the wandb integration
+(:mod:`~lightning_layerkd.app.wandb_logging`). The library does not import it."""

@@ -1,0 +1,317 @@
+"""The Hydra app (``layerkd-train``): train or load the teacher, distil the student, report.
+
+Every object comes from the config with ``_target_``: the dataset, the models, the method
+(``conf/method``), the optimizer, the schedule (scheduler and layer-wise callback), the
+callbacks and the logger. Stage 1 trains the teacher or loads it from the cache
+(:mod:`~lightning_layerkd.app.teacher`); stage 2 distils the student. Each run writes
+``results.json`` next to Lightning's checkpoints and prints a result table.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from lightning_layerkd.callbacks import LayerwiseLRCallback
+from lightning_layerkd.layers import check_layer_pairs
+from lightning_layerkd.methods import DistillationMethod, InformationFlow
+from lightning_layerkd.module import BASE_GROUP, DistillationModule
+
+from .teacher import EpochHistory, atomic_write, build_trainer, train_teacher
+
+__all__ = ["ConfigError", "check_config", "format_result", "main", "run"]
+
+
+class ConfigError(ValueError):
+    """A configuration mistake found before training starts."""
+
+
+# ---------------------------------------------------------------------- building blocks
+def _model(node: Any, datamodule: Any) -> nn.Module:
+    kwargs: dict[str, Any] = {"num_classes": datamodule.num_classes}
+    if "lightning_layerkd.models" in str(node.get("_target_", "")):
+        kwargs["in_channels"] = datamodule.in_channels
+    return instantiate(node, **kwargs)
+
+
+def _auxiliary_model(cfg: DictConfig, datamodule: Any) -> nn.Module:
+    """The student's architecture at twice the width (information flow's auxiliary teacher)."""
+    node: Any = OmegaConf.merge(cfg.model.student, {"width": int(cfg.model.student.width) * 2})
+    return _model(node, datamodule)
+
+
+def build_method(cfg: DictConfig) -> DistillationMethod:
+    """The method of ``cfg.method``; unknown options list the valid ones."""
+    target = get_class(cfg.method._target_)
+    valid = [
+        name
+        for cls in target.__mro__[:-1]
+        for name, p in inspect.signature(cls.__init__).parameters.items()  # type: ignore[misc]
+        if p.kind is p.KEYWORD_ONLY
+    ]
+    unknown = sorted(set(cfg.method) - {"_target_"} - set(valid))
+    if unknown:
+        hint = (
+            "; schedule=critical_period weights information-flow layers (Passalis et al. "
+            "eq. 10) and applies to method=information_flow only"
+            if "critical_period" in unknown
+            else ""
+        )
+        raise ConfigError(
+            f"method options {unknown} are not options of {target.__name__}; valid: "
+            f"{sorted(set(valid))}{hint}"
+        )
+    return instantiate(cfg.method, _convert_="all")
+
+
+def check_config(cfg: DictConfig) -> DistillationMethod:
+    """Fail before training on mistakes a sweep would otherwise find hours later; returns the
+    method."""
+    for key in ("epochs", "teacher_epochs"):
+        if int(cfg[key]) < 1:
+            raise ConfigError(f"{key} must be at least 1, got {cfg[key]}")
+    try:
+        method = build_method(cfg)
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - re-raised with the config context
+        raise ConfigError(f"invalid method settings: {err}") from err
+    layerwise = cfg.schedule.get("layerwise")
+    if layerwise is not None and int(cfg.every_n_epochs) > int(cfg.epochs):
+        raise ConfigError(
+            f"every_n_epochs={cfg.every_n_epochs} is larger than epochs={cfg.epochs}: the "
+            "layer-wise learning rates would never be updated; lower every_n_epochs"
+        )
+    if layerwise is not None and not method.uses_layers:
+        raise ConfigError(
+            f"schedule=layerwise needs crucial layers, but method={method.name} has none; "
+            "use schedule=none or schedule=multistep with it"
+        )
+    if cfg.schedule.get("scheduler") is not None:
+        bad = [m for m in cfg.milestones if not 0 < int(m) <= int(cfg.epochs)]
+        if bad:
+            raise ConfigError(f"milestones {bad} lie outside epochs 1..{cfg.epochs}")
+    if getattr(method, "auxiliary", False) and "width" not in cfg.model.student:
+        raise ConfigError(
+            "method.auxiliary=true builds the student's architecture at twice the width, but "
+            f"model.student ({cfg.model.student.get('_target_')}) has no 'width'; set "
+            "method.auxiliary=false or use a lightning_layerkd.models.resnet student"
+        )
+    try:  # the optimizer, the scheduler and the callbacks, as they will be built
+        dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        instantiate(cfg.optimizer)([{"params": [torch.zeros(1, requires_grad=True)]}])
+        if cfg.schedule.get("scheduler") is not None:
+            instantiate(cfg.schedule.scheduler)(dummy)
+        if layerwise is not None:
+            instantiate(layerwise)
+    except Exception as err:  # noqa: BLE001 - re-raised with the config context
+        raise ConfigError(f"invalid optimizer or schedule settings: {err}") from err
+    return method
+
+
+DATASET_LABELS = {
+    "DigitsDataModule": "Digits",
+    "Cifar10DataModule": "CIFAR-10",
+    "Cifar100DataModule": "CIFAR-100",
+    "CocoDataModule": "COCO",
+}
+
+
+def dataset_label(cfg: DictConfig, datamodule: Any) -> str:
+    """The dataset's column name in the report: "CIFAR-10", or the folder of an arrays set."""
+    name = type(datamodule).__name__
+    if name == "ArraysDataModule":
+        return Path(str(cfg.dataset.data_dir)).name
+    return DATASET_LABELS.get(name, name)
+
+
+def check_layers(
+    method: DistillationMethod,
+    teacher: nn.Module,
+    student: nn.Module,
+    layers: Any,
+    example: torch.Tensor,
+    num_layers: int,
+) -> list[tuple[str, str]]:
+    """Resolve ``layers`` ("auto", by the method's rule, or pairs) on an example batch;
+    unknown paths list the candidates."""
+    if layers == "auto":
+        return method.auto_layers(teacher, student, example, num_layers)
+    pairs = [(str(s), str(t)) for s, t in layers]
+    check_layer_pairs(student, teacher, pairs, example, reserved=BASE_GROUP)
+    return pairs
+
+
+def _callbacks(cfg: DictConfig, history: EpochHistory) -> tuple[list[Callback], Any]:
+    """The schedule's layer-wise callback (first), the history and ``cfg.callbacks``."""
+    layerwise = cfg.schedule.get("layerwise")
+    built: list[Callback] = [instantiate(layerwise)] if layerwise is not None else []
+    built.append(history)
+    built += [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
+    return built, (built[0] if layerwise is not None else None)
+
+
+# ---------------------------------------------------------------------- the run
+def run(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
+    """Run both stages for one config and return (and write) the results."""
+    start = time.time()
+    root = Path(output_dir or HydraConfig.get().runtime.output_dir)
+    OmegaConf.update(cfg, "output_dir", str(root), force_add=True)
+    method = check_config(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.dataset)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    teacher, student = _model(cfg.model.teacher, datamodule), _model(cfg.model.student, datamodule)
+    example = next(iter(datamodule.train_dataloader()))[0]
+    auxiliary = _auxiliary_model(cfg, datamodule) if getattr(method, "auxiliary", False) else None
+    layers: Any = cfg.layers if cfg.layers == "auto" else [list(p) for p in cfg.layers]
+    if method.uses_layers:  # bad layer paths fail here, before any training
+        source = auxiliary if auxiliary is not None else teacher
+        layers = check_layers(method, source, student, layers, example, cfg.num_crucial_layers)
+
+    teacher_meta: dict[str, Any] = {}
+    if method.needs_teacher:
+        teacher_meta = train_teacher(cfg, datamodule, teacher, root)
+
+    def distiller(source: nn.Module | None, target: nn.Module, pairs: Any) -> DistillationModule:
+        scheduler = cfg.schedule.get("scheduler")
+        return DistillationModule(
+            source,
+            target,
+            method=method,
+            layers=pairs,
+            num_classes=datamodule.num_classes,
+            task=datamodule.task,
+            num_crucial_layers=cfg.num_crucial_layers,
+            example_input=example,
+            optimizer=instantiate(cfg.optimizer),
+            scheduler=instantiate(scheduler) if scheduler is not None else None,
+        )
+
+    auxiliary_meta: dict[str, Any] = {}
+    if auxiliary is not None:
+        # Passalis et al. section 3.2: the student's architecture at twice the width learns
+        # from the teacher first (outputs only), then teaches the student layer by layer.
+        pl.seed_everything(cfg.seed, workers=True)
+        history = EpochHistory()
+        trainer = build_trainer(cfg, cfg.epochs, root / "auxiliary", [history], False)
+        trainer.fit(distiller(teacher, auxiliary, []), datamodule=datamodule)
+        auxiliary_meta = {
+            "width": int(cfg.model.student.width) * 2,
+            "val_acc": history.last(),
+            "history": history.epochs,
+        }
+        auxiliary.requires_grad_(False)
+        teacher = auxiliary
+    module = distiller(teacher if method.needs_teacher else None, student, layers)
+    pl.seed_everything(cfg.seed, workers=True)
+    history = EpochHistory()
+    callbacks, layerwise = _callbacks(cfg, history)
+    logger = instantiate(cfg.logger) if cfg.get("logger") is not None else False
+    trainer = build_trainer(cfg, cfg.epochs, root, callbacks, logger)
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        if isinstance(logger, WandbLogger):  # one wandb run per job, also when a job fails
+            from .wandb_logging import finish
+
+            finish()
+
+    accs = [row.get("val/acc", float("nan")) for row in history.epochs]
+    best = max(range(len(accs)), key=lambda i: accs[i]) if accs else None
+    optimizer = trainer.optimizers[0]
+    results = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "method": method.name,
+        "method_options": method.options(),
+        "divergence_name": method.divergence_name,
+        "schedule": cfg.schedule.name,
+        "dataset": dataset_label(cfg, datamodule),
+        "layer_pairs": module.layer_pairs,
+        "teacher": teacher_meta,
+        "auxiliary": auxiliary_meta,
+        "student": {
+            "val_acc": accs[-1] if accs else None,
+            "best_val_acc": accs[best] if best is not None else None,
+            "best_epoch": history.epochs[best]["epoch"] if best is not None else None,
+            "last_epoch": trainer.current_epoch - 1,
+            "history": history.epochs,
+        },
+        "final_lrs": {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)},
+        "eta": dict(layerwise.eta) if isinstance(layerwise, LayerwiseLRCallback) else {},
+        "layerwise": (
+            {"rule": layerwise.rule, "factor": dict(layerwise.factor), "history": layerwise.history}
+            if isinstance(layerwise, LayerwiseLRCallback)
+            else {}
+        ),
+        "wall_time_s": time.time() - start,
+    }
+    if isinstance(method, InformationFlow) and module.layer_pairs:
+        from lightning_layerkd.information_flow import report_layer_matching
+
+        # Passalis et al. eqs. 3-4: which teacher layer should feed which student layer,
+        # judged by each layer's nearest-centroid accuracy on validation batches
+        batches = list(itertools.islice(datamodule.val_dataloader(), 8))
+        results["layer_matching"] = report_layer_matching(
+            teacher, student, module.layer_pairs, batches
+        )
+    if trainer.is_global_zero:
+        atomic_write(
+            root / "results.json",
+            lambda p: p.write_text(json.dumps(results, indent=2, default=str)),
+        )
+    return results
+
+
+def format_result(results: dict[str, Any]) -> str:
+    """A small markdown table of one run."""
+    student, teacher = results["student"], results.get("teacher") or {}
+    rows = [
+        ("method", results["method"]),
+        ("schedule", results["schedule"]),
+        ("teacher val acc", _pct(teacher.get("val_acc"))),
+        ("student val acc (last)", _pct(student["val_acc"])),
+        (
+            "student val acc (best)",
+            f"{_pct(student['best_val_acc'])} @ epoch {student['best_epoch']}",
+        ),
+        ("crucial layers", ", ".join(f"{s}<-{t}" for s, t in results["layer_pairs"] or [])),
+        ("final lrs", ", ".join(f"{k}={v:.3g}" for k, v in results["final_lrs"].items())),
+        ("wall time", f"{results['wall_time_s']:.1f} s"),
+    ]
+    lines = ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+@hydra.main(version_base="1.3", config_path="pkg://lightning_layerkd.conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    """``layerkd-train``: one job per config; ``-m`` runs a sweep."""
+    results = run(cfg)
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        print(format_result(results))
+    return results["student"]["val_acc"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Distillation methods: one class per method behind one contract
+(:class:`DistillationMethod`), found by name in a registry (:func:`register_method`).
+
+========================  ==============================  =========================================
+name                      class                           paper
+========================  ==============================  =========================================
+``"attention"``           :class:`AttentionMaps`          Kokane et al. 2024, eq. 2
+``"jacobian"``            :class:`JacobianMaps`           Kokane et al. 2024, eq. 4
+``"hessian"``             :class:`HessianMaps`            Kokane et al. 2024, eq. 6
+``"jacobian_matching"``   :class:`JacobianMatching`       Srinivas & Fleuret 2018, eq. 10
+``"information_flow"``    :class:`InformationFlow`        Passalis et al. 2020, eqs. 7, 9, 10
+``"logits"``              :class:`LogitDistillation`      Hinton et al. 2015
+``"none"``                :class:`StudentOnly`            the student alone
+========================  ==============================  =========================================
+"""
+
+# The registration order, which method lists and reports follow, is the table's.
+# isort: off
+from lightning_layerkd.methods.base import (
+    DistillationMethod,
+    MethodOutput,
+    Networks,
+    build_method,
+    method_class,
+    method_names,
+    register_method,
+)
+from lightning_layerkd.methods.maps import AttentionMaps, HessianMaps, JacobianMaps, MapMethod
+from lightning_layerkd.methods.jacobian_matching import JacobianMatching
+from lightning_layerkd.methods.information_flow import InformationFlow
+from lightning_layerkd.methods.logits import LogitDistillation, StudentOnly
+
+# isort: on
+
+__all__ = [
+    "AttentionMaps",
+    "DistillationMethod",
+    "HessianMaps",
+    "InformationFlow",
+    "JacobianMaps",
+    "JacobianMatching",
+    "LogitDistillation",
+    "MapMethod",
+    "MethodOutput",
+    "Networks",
+    "StudentOnly",
+    "build_method",
+    "method_class",
+    "method_names",
+    "register_method",
+]

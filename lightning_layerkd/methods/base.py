@@ -1,0 +1,272 @@
+"""The contract every distillation method implements, and the registry that finds methods by
+name (docs/design.md section 8).
+
+A method is one object. It says which module it hooks for each crucial layer of each network
+(:meth:`DistillationMethod.hook_module`) and, for one batch, returns the student's logits, the
+teacher's logits, the per-layer per-sample divergences that
+:class:`~lightning_layerkd.LayerwiseLRCallback` accumulates, and its named loss terms
+(:meth:`DistillationMethod.compute`). :class:`~lightning_layerkd.DistillationModule` owns
+everything else: the hooks' lifetime, the param groups, logging, metrics and checkpoints.
+
+Every method can add logit distillation (Hinton et al. 2015) to its own terms with
+``logit_weight`` and ``temperature``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple, TypeVar
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from lightning_layerkd.divergence import logit_distillation_loss
+from lightning_layerkd.hooks import FeatureHooks
+from lightning_layerkd.layers import find_crucial_layers
+from lightning_layerkd.maps import Task
+
+__all__ = [
+    "DistillationMethod",
+    "MethodOutput",
+    "Networks",
+    "build_method",
+    "check_choice",
+    "method_class",
+    "method_names",
+    "register_method",
+]
+
+#: The name of the loss term that logit distillation adds (``train/logit_loss``).
+LOGIT_TERM = "logit_loss"
+
+
+class MethodOutput(NamedTuple):
+    """What a method computes for one batch.
+
+    Attributes:
+        logits: the student's logits ``(B, K)``, part of the student's graph.
+        teacher_logits: the teacher's logits (constants), or ``None`` for a method without
+            a teacher.
+        divergences: per crucial layer (the student's path, which names its param group) a
+            per-sample divergence of shape ``(B,)``; what the layer-wise rule accumulates.
+        losses: named loss terms, already weighted; the training loss is the task loss plus
+            their sum.
+    """
+
+    logits: Tensor
+    teacher_logits: Tensor | None
+    divergences: dict[str, Tensor]
+    losses: dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class Networks:
+    """What a method sees of the module for one batch: both networks, the forward hooks on
+    the modules it asked for, the crucial layers' names, the task and the epoch."""
+
+    student: nn.Module
+    teacher: nn.Module | None
+    student_hooks: FeatureHooks | None
+    teacher_hooks: FeatureHooks | None
+    layer_names: tuple[str, ...]
+    task: Task = "multiclass"
+    epoch: int = 0
+
+
+class DistillationMethod:
+    """Base class of distillation methods: subclass it, implement :meth:`compute`, and
+    register the class with :func:`register_method` to use it by name.
+
+    Class attributes describe the method to the module, the callbacks and the app:
+    ``divergence_name`` (how the per-layer term is logged, ``train/<name>/<layer>``),
+    ``needs_teacher``, ``uses_layers`` (``False``: no crucial layers, one param group),
+    ``allows_no_layers`` (an empty layer list is valid) and ``needs_autograd`` (derivatives
+    of the inputs or features, so validation runs with autograd on).
+
+    Args:
+        task_loss: add the task loss (cross-entropy, ``l_1`` of eq. 1) to the method's terms.
+        logit_weight: weight of logit distillation added to the method's own terms (Hinton et
+            al. 2015, ``T^2 KL(softmax(z_T / T) || softmax(z_S / T))``); 0 leaves it out.
+        temperature: ``T`` of logit distillation.
+    """
+
+    name: ClassVar[str] = ""
+    divergence_name: ClassVar[str] = "divergence"
+    needs_teacher: ClassVar[bool] = True
+    uses_layers: ClassVar[bool] = True
+    allows_no_layers: ClassVar[bool] = False
+    needs_autograd: ClassVar[bool] = False
+
+    def __init__(
+        self, *, task_loss: bool = True, logit_weight: float = 0.0, temperature: float = 4.0
+    ) -> None:
+        if logit_weight < 0:
+            raise ValueError(f"logit_weight must be non-negative, got {logit_weight}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        if logit_weight and not self.needs_teacher:
+            raise ValueError(f"{type(self).__name__} has no teacher, so logit_weight must be 0")
+        self.task_loss = bool(task_loss)
+        self.logit_weight = float(logit_weight)
+        self.temperature = float(temperature)
+
+    # ------------------------------------------------------------------ extension points
+    def compute(self, nets: Networks, x: Tensor, y: Tensor, *, create_graph: bool) -> MethodOutput:
+        """The method's logits, divergences and loss terms for one batch ``(x, y)``.
+
+        ``create_graph`` is ``True`` in training (the terms are backpropagated into the
+        student) and ``False`` in validation."""
+        raise NotImplementedError(f"{type(self).__name__} must implement compute()")
+
+    def hook_module(self, model: nn.Module, path: str, module: nn.Module) -> tuple[str, nn.Module]:
+        """The module to hook for the crucial layer ``path`` of ``model``, with its path; the
+        layer itself unless overridden (e.g. its conversion convolution)."""
+        return path, module
+
+    @property
+    def inspects_pairs(self) -> bool:
+        """Whether :meth:`uninformative_pairs` needs a batch (the module fetches one)."""
+        return False
+
+    def auto_layers(
+        self, teacher: nn.Module, student: nn.Module, x: Tensor, num_layers: int
+    ) -> list[tuple[str, str]]:
+        """The crucial layer pairs for ``layers="auto"``: :func:`find_crucial_layers` on ``x``
+        without the :meth:`uninformative_pairs`, the deepest ``num_layers`` of them."""
+        with torch.no_grad():
+            candidates = find_crucial_layers(teacher, student, x, num_layers=None)
+        dropped = self.uninformative_pairs(student, teacher, candidates, x)
+        kept = [pair for pair in candidates if pair not in dropped]
+        if not kept:
+            raise ValueError(
+                f"layers='auto' found only pairs that carry no signal for {self!r}: {dropped}; "
+                "give explicit layers or choose other method options"
+            )
+        for pair, why in dropped.items():
+            rank_zero_info(f"layers='auto' leaves out the pair {pair}: {why}")
+        return kept[-num_layers:]
+
+    def uninformative_pairs(
+        self, student: nn.Module, teacher: nn.Module, pairs: Sequence[tuple[str, str]], x: Tensor
+    ) -> dict[tuple[str, str], str]:
+        """Layer pairs whose divergence carries no signal for this method, with the reason;
+        ``layers="auto"`` leaves them out and explicit ones get a warning."""
+        return {}
+
+    # ------------------------------------------------------------------ the one entry point
+    def __call__(self, nets: Networks, x: Tensor, y: Tensor, *, create_graph: bool) -> MethodOutput:
+        """:meth:`compute`, checked against the contract, plus logit distillation."""
+        out = self.compute(nets, x, y, create_graph=create_graph)
+        if not isinstance(out, MethodOutput):
+            raise TypeError(
+                f"{type(self).__name__}.compute must return a MethodOutput, got "
+                f"{type(out).__name__}"
+            )
+        if set(out.divergences) != set(nets.layer_names):
+            raise ValueError(
+                f"{type(self).__name__}.compute returned divergences for "
+                f"{sorted(out.divergences)}; expected one per crucial layer "
+                f"{list(nets.layer_names)}"
+            )
+        for layer, d in out.divergences.items():
+            if d.shape != (x.shape[0],):
+                raise ValueError(
+                    f"{type(self).__name__}: the divergence of layer '{layer}' has shape "
+                    f"{tuple(d.shape)}; it must be per sample, shape ({x.shape[0]},) (repeat a "
+                    "per-batch value with .expand(batch_size))"
+                )
+        if not self.logit_weight:
+            return out
+        if out.teacher_logits is None:
+            raise ValueError(
+                f"{type(self).__name__}.compute returned no teacher_logits, which "
+                f"logit_weight={self.logit_weight} needs"
+            )
+        kd = logit_distillation_loss(
+            out.logits, out.teacher_logits.detach(), self.temperature, task=nets.task
+        )
+        return out._replace(losses={**out.losses, LOGIT_TERM: self.logit_weight * kd})
+
+    # ------------------------------------------------------------------ description
+    def options(self) -> dict[str, Any]:
+        """The constructor arguments this method was built with (for hyperparameters, logs
+        and ``repr``), read from the attributes of the same names."""
+        options: dict[str, Any] = {}
+        for cls in type(self).__mro__:  # up the hierarchy while __init__ forwards **kwargs
+            if cls is object:
+                break
+            params = inspect.signature(cls.__init__).parameters.values()  # type: ignore[misc]
+            for param in params:
+                if param.kind is param.KEYWORD_ONLY and hasattr(self, param.name):
+                    options.setdefault(param.name, getattr(self, param.name))
+            if not any(p.kind is p.VAR_KEYWORD for p in params):
+                break
+        return options
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({args})"
+
+
+# ---------------------------------------------------------------------- registry
+_REGISTRY: dict[str, type[DistillationMethod]] = {}
+M = TypeVar("M", bound=type[DistillationMethod])
+
+
+def register_method(name: str) -> Callable[[M], M]:
+    """Class decorator: register a :class:`DistillationMethod` subclass under ``name``, so
+    that ``DistillationModule(method=name)`` builds it with its defaults."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"a method name must be an identifier, got {name!r}")
+
+    def register(cls: M) -> M:
+        if not (isinstance(cls, type) and issubclass(cls, DistillationMethod)):
+            raise TypeError(f"register_method({name!r}) needs a DistillationMethod subclass")
+        known = _REGISTRY.get(name)
+        if known is not None and known.__qualname__ != cls.__qualname__:
+            raise ValueError(
+                f"a method named {name!r} is already registered ({known.__module__}."
+                f"{known.__qualname__}); choose another name"
+            )
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return register
+
+
+def method_names() -> list[str]:
+    """The registered method names, in registration order."""
+    return list(_REGISTRY)
+
+
+def method_class(name: str) -> type[DistillationMethod]:
+    """The class registered under ``name``; an unknown name lists the registered ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown method {name!r}; registered methods: {method_names()} (register your "
+            "own with lightning_layerkd.methods.register_method)"
+        ) from None
+
+
+def build_method(method: str | DistillationMethod) -> DistillationMethod:
+    """``method`` itself, or the registered method of that name built with its defaults."""
+    if isinstance(method, DistillationMethod):
+        return method
+    if isinstance(method, str):
+        return method_class(method)()
+    raise TypeError(
+        f"method must be a registered name {method_names()} or a DistillationMethod, got "
+        f"{type(method).__name__}"
+    )
+
+
+def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
+    """A ``ValueError`` naming the valid choices unless ``value`` is one of them."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")

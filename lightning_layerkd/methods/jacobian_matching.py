@@ -1,0 +1,102 @@
+"""Jacobian matching (Srinivas & Fleuret 2018) as a distillation method: eq. 10 between
+L2-normalised input Jacobians, with Props. 1 and 2 as optional terms. The maths are in
+:mod:`lightning_layerkd.jacobian_matching`."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from lightning_layerkd.derivatives import running_stats_kept
+from lightning_layerkd.jacobian_matching import (
+    activation_matching_loss,
+    jacobian_matching_loss,
+    jacobian_norm_penalty,
+    layer_jacobians,
+)
+from lightning_layerkd.methods.base import (
+    DistillationMethod,
+    MethodOutput,
+    Networks,
+    check_choice,
+    register_method,
+)
+
+__all__ = ["JacobianMatching"]
+
+
+@register_method("jacobian_matching")
+class JacobianMatching(DistillationMethod):
+    """Eq. 10 between the input Jacobians of the output (true class, or the teacher's
+    arg-max) and, per crucial layer pair, of the teacher's largest average-pooled attention
+    pixel (their section 6.3.2); the per-layer terms are the divergences.
+
+    Args:
+        output_weight: weight of eq. 10 on the output's input Jacobian.
+        activation_weight: weight of Prop. 1's squared error of the logits.
+        norm_penalty_weight: weight of Prop. 2's Jacobian-norm penalty (their Table 2).
+        map_weight: ``lambda``, the weight of eq. 10's terms (output and layers) together.
+        map_target: ``"label"`` (the true class) or ``"teacher"`` (its arg-max, label-free).
+        task_loss, logit_weight, temperature: see :class:`DistillationMethod`; their Table 1
+            has rows with and without the cross-entropy.
+    """
+
+    divergence_name = "jacobian_matching"
+    needs_autograd = True
+
+    def __init__(
+        self,
+        *,
+        output_weight: float = 1.0,
+        activation_weight: float = 0.0,
+        norm_penalty_weight: float = 0.0,
+        map_weight: float = 1.0,
+        map_target: str = "label",
+        task_loss: bool = True,
+        logit_weight: float = 0.0,
+        temperature: float = 4.0,
+    ) -> None:
+        super().__init__(task_loss=task_loss, logit_weight=logit_weight, temperature=temperature)
+        for name, value in (
+            ("output_weight", output_weight),
+            ("activation_weight", activation_weight),
+            ("norm_penalty_weight", norm_penalty_weight),
+            ("map_weight", map_weight),
+        ):
+            if value < 0:
+                raise ValueError(f"{name} must be non-negative, got {value}")
+        check_choice("map_target", map_target, ("label", "teacher"))
+        self.output_weight = float(output_weight)
+        self.activation_weight = float(activation_weight)
+        self.norm_penalty_weight = float(norm_penalty_weight)
+        self.map_weight = float(map_weight)
+        self.map_target = map_target
+
+    def compute(self, nets: Networks, x: Tensor, y: Tensor, *, create_graph: bool) -> MethodOutput:
+        assert nets.teacher is not None and nets.teacher_hooks and nets.student_hooks
+        label_free = self.map_target == "teacher"
+        # one forward per network serves the logits, the output's and every layer's Jacobian
+        teacher = layer_jacobians(nets.teacher, x, nets.teacher_hooks, None if label_free else y)
+        t_logits, j_teacher = teacher.logits, teacher.output
+        target = t_logits.argmax(1) if label_free else y
+        student = layer_jacobians(
+            nets.student, x, nets.student_hooks, target, teacher, create_graph=create_graph
+        )
+        logits, j_student = student.logits, student.output
+        divergences = {
+            name: jacobian_matching_loss(s_pixel.jacobian, t_pixel.jacobian, reduction="none")
+            for name, s_pixel, t_pixel in zip(
+                nets.layer_names, student.pixels, teacher.pixels, strict=True
+            )
+        }  # eq. 10 per sample and layer
+        matching = self.output_weight * jacobian_matching_loss(j_student, j_teacher)
+        matching = matching + sum((d.mean() for d in divergences.values()), x.new_zeros(()))
+        losses: dict[str, Tensor] = {"map_loss": self.map_weight * matching}
+        if self.activation_weight:
+            losses["activation_matching"] = self.activation_weight * activation_matching_loss(
+                logits, t_logits
+            )  # Prop. 1
+        if self.norm_penalty_weight and create_graph:
+            with running_stats_kept(nets.student):
+                _, penalty = jacobian_norm_penalty(nets.student, x)  # Prop. 2
+            losses["jacobian_norm"] = self.norm_penalty_weight * penalty
+        return MethodOutput(logits, t_logits.detach(), divergences, losses)
