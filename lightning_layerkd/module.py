@@ -104,8 +104,7 @@ class DistillationModule(LightningModule):
         check_choice("scheduler_interval", scheduler_interval, ("epoch", "step"))
         if teacher is None and self.method.needs_teacher:
             raise ValueError(
-                f"method {self.method.name or type(self.method).__name__!r} needs a teacher; "
-                "pass one or use method='none'"
+                f"method {self.method.name!r} needs a teacher; pass one or use method='none'"
             )
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
@@ -113,7 +112,7 @@ class DistillationModule(LightningModule):
             ignore=["teacher", "student", "example_input", "optimizer", "scheduler", "method"]
         )
         self.hparams.update(
-            method=self.method.name or type(self.method).__name__,
+            method=self.method.name,
             method_options=self.method.options(),
         )
         self.student = student

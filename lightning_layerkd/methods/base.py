@@ -93,12 +93,17 @@ class DistillationMethod:
         temperature: ``T`` of logit distillation.
     """
 
-    name: ClassVar[str] = ""
+    #: the registered name; an unregistered class is named by its class name
+    name: ClassVar[str] = "DistillationMethod"
     divergence_name: ClassVar[str] = "divergence"
     needs_teacher: ClassVar[bool] = True
     uses_layers: ClassVar[bool] = True
     allows_no_layers: ClassVar[bool] = False
     needs_autograd: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.name = cls.__name__  # not the parent's registered name; register_method sets it
 
     def __init__(
         self, *, task_loss: bool = True, logit_weight: float = 0.0, temperature: float = 4.0
@@ -193,14 +198,16 @@ class DistillationMethod:
     # ------------------------------------------------------------------ description
     def options(self) -> dict[str, Any]:
         """The constructor arguments this method was built with (for hyperparameters, logs
-        and ``repr``), read from the attributes of the same names."""
+        and ``repr``), read from the attributes of the same names (an argument stored under
+        another name is not listed)."""
         options: dict[str, Any] = {}
         for cls in type(self).__mro__:  # up the hierarchy while __init__ forwards **kwargs
             if cls is object:
                 break
             params = inspect.signature(cls.__init__).parameters.values()  # type: ignore[misc]
             for param in params:
-                if param.kind is param.KEYWORD_ONLY and hasattr(self, param.name):
+                named = param.kind in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD)
+                if named and param.name != "self" and hasattr(self, param.name):
                     options.setdefault(param.name, getattr(self, param.name))
             if not any(p.kind is p.VAR_KEYWORD for p in params):
                 break
@@ -226,11 +233,15 @@ def register_method(name: str) -> Callable[[M], M]:
         if not (isinstance(cls, type) and issubclass(cls, DistillationMethod)):
             raise TypeError(f"register_method({name!r}) needs a DistillationMethod subclass")
         known = _REGISTRY.get(name)
-        if known is not None and known.__qualname__ != cls.__qualname__:
+        identity = (cls.__module__, cls.__qualname__)  # the same class, e.g. a script run again
+        if known is not None and (known.__module__, known.__qualname__) != identity:
             raise ValueError(
                 f"a method named {name!r} is already registered ({known.__module__}."
                 f"{known.__qualname__}); choose another name"
             )
+        other = [n for n, c in _REGISTRY.items() if c is cls and n != name]
+        if other:
+            raise ValueError(f"{cls.__qualname__} is already registered as {other[0]!r}")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
