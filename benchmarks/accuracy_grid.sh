@@ -5,7 +5,7 @@
 # the scales used for benchmarks/RESULTS.md are the presets below.
 #
 #   benchmarks/accuracy_grid.sh digits   [SWEEP_DIR]
-#   benchmarks/accuracy_grid.sh cifar10  [SWEEP_DIR]   # needs /tmp/cifar10 (../shared/data/unpack.py)
+#   benchmarks/accuracy_grid.sh cifar10  [SWEEP_DIR]   # needs /tmp/cifar10 (an arrays folder, docs/design.md section 7)
 #   benchmarks/accuracy_grid.sh cifar100 [SWEEP_DIR]   # needs /tmp/cifar100
 #
 # Extra layerkd-train overrides go in LAYERKD_GRID_EXTRA (space-separated); CIFAR_ROOT moves the

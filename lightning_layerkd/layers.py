@@ -225,7 +225,7 @@ def find_crucial_layers(
 
     Kokane et al. (2024, section 4.1) compute their maps only at "the crucial conversion layers of
     the ResNet where we observe a dimensional change in the feature channels", 4 of them. For any
-    pair of CNNs this is made concrete as in design.md, section 2. For each network:
+    pair of CNNs this is made concrete as in docs/design.md, section 2. For each network:
 
     1. trace one forward pass (:func:`trace_feature_maps`) and group the modules with a 4-D output
        by output spatial size ``(H, W)``, groups in order of first appearance;
@@ -305,7 +305,7 @@ def resolve_module(
 
 
 def conversion_conv(module: nn.Module, path: str = "") -> tuple[str, nn.Conv2d]:
-    """The conversion convolution of a crucial module (design.md, section 3).
+    """The conversion convolution of a crucial module (docs/design.md, section 3).
 
     That is the module's first ``nn.Conv2d`` (in ``named_modules()`` order, the module itself
     included) whose input and output channels differ, else its first ``nn.Conv2d``.

@@ -74,7 +74,7 @@ def to_distribution(m: Tensor, eps: float = 1e-8) -> Tensor:
 def match_maps(
     student: Tensor, teacher: Tensor, weight_alignment: WeightAlignment = "sorted"
 ) -> tuple[Tensor, Tensor]:
-    """Bring a student map and a teacher map onto one support (design.md section 3).
+    """Bring a student map and a teacher map onto one support (docs/design.md section 3).
 
     Per-sample ``(B, H, W)`` maps: adaptive average pooling of the larger map to the smaller
     spatial size (pixels correspond between any two networks).
@@ -118,7 +118,7 @@ def at_least_float32(t: Tensor) -> Tensor:
 
 
 def score(logits: Tensor, target: Tensor, task: Task = "multiclass") -> Tensor:
-    """``s_i``, the per-sample scalar a derivative map differentiates (design.md section 1).
+    """``s_i``, the per-sample scalar a derivative map differentiates (docs/design.md section 1).
 
     Multi-class: ``log_softmax(z_i)[y_i]`` with ``target`` the class indices. Multi-label:
     ``sum_k y_ik log sigmoid(z_ik)`` over the positive labels, ``target`` a 0/1 matrix.

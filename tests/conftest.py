@@ -33,7 +33,7 @@ def make_tiny_cnn(width: int = 4, num_classes: int = NUM_CLASSES) -> nn.Sequenti
 
     Stage ``"0"`` (``3 -> width`` channels) keeps the 8x8 resolution and stage ``"1"``
     (``width -> 2 * width``, stride 2) halves it to 4x4, so the two stages are distinct crucial
-    layers (design.md section 2) and each starts with a conversion convolution. The head
+    layers (docs/design.md section 2) and each starts with a conversion convolution. The head
     (``"2"``..``"4"``) holds the parameters of the ``"base"`` param group.
     """
     return nn.Sequential(

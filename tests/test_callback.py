@@ -1,4 +1,4 @@
-"""Tests of ``LayerwiseLRCallback`` (design.md section 5) on real ``Trainer.fit`` runs.
+"""Tests of ``LayerwiseLRCallback`` (docs/design.md section 5) on real ``Trainer.fit`` runs.
 
 Every expected learning rate is computed by hand, in float64, from divergences recorded by an
 independent callback (:class:`DivergenceRecorder`, placed before ``LayerwiseLRCallback``), and
@@ -153,8 +153,8 @@ def by_hand(
     max_lr: float | None = None,
     layers: list[str] = LAYERS,
 ) -> dict[str, Any]:
-    """design.md section 5 in float64 from the recorded divergences: eq. 3 (sum or mean), eq. 12,
-    eq. 11 and clamping, applied as a factor on top of the scheduler's own rates."""
+    """docs/design.md section 5 in float64 from the recorded divergences: eq. 3 (sum or mean),
+    eq. 12, eq. 11 and clamping, applied as a factor on top of the scheduler's own rates."""
     factor = {name: 1.0 for name in layers}
     eta = {name: eta_init for name in layers}
     updated: dict[str, float] = {}

@@ -1,4 +1,5 @@
-"""Jensen-Shannon and KL divergence (design.md section 4) against SciPy and by their properties."""
+"""Jensen-Shannon and KL divergence (docs/design.md section 4) against SciPy and by their
+properties."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Attention, Jacobian and Hessian maps (design.md section 3), checked against independent math.
+"""Attention, Jacobian and Hessian maps (docs/design.md section 3), checked against independent
+math.
 
 The derivative maps are compared with ``torch.autograd.functional`` Jacobians and Hessians of the
 score ``sum_i s_i`` written out here, on a tiny float64 CNN. With batch norm in eval mode the net
