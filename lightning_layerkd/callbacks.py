@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -11,16 +10,19 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.optim import Optimizer
 
 from lightning_layerkd.divergence import LN2
 from lightning_layerkd.lr_rules import (
-    PAPER_OPTIONS,
-    RELATIVE_OPTIONS,
-    RULES,
     Rule,
+    check_rule_options,
+    first_group_lrs,
+    layer_divergences,
+    named_param_groups,
+    no_signal_reason,
+    paper_divergence,
     paper_rate,
     relative_factors,
+    scale_param_group,
 )
 
 __all__ = ["LayerwiseLRCallback"]
@@ -104,38 +106,19 @@ class LayerwiseLRCallback(Callback):
         min_lr: float = 0.0,
         max_lr: float | None = None,
     ) -> None:
-        if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be a positive integer, got {every_n_epochs!r}")
-        if not 0.0 < gamma < 1.0:
-            raise ValueError(f"gamma must lie in (0, 1) (eq. 12), got {gamma}")
-        if rule not in RULES:
-            raise ValueError(f"rule must be one of {list(RULES)}, got {rule!r}")
-        if not math.isfinite(power):
-            raise ValueError(f"power must be a finite number, got {power}")
-        if not max_factor >= 1.0:
-            raise ValueError(
-                f"max_factor must be at least 1 (factors lie in [1/m, m]), got {max_factor}"
-            )
-        if not noise_floor >= 0.0:
-            raise ValueError(f"noise_floor must be non-negative, got {noise_floor}")
-        if eps <= 0:
-            raise ValueError(f"eps must be positive (eq. 11), got {eps}")
-        if eta_init < 0:
-            raise ValueError(f"eta_init must be non-negative, got {eta_init}")
-        if reduction not in ("sum", "mean"):
-            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-        if min_lr < 0 or (max_lr is not None and max_lr < min_lr):
-            raise ValueError(f"need 0 <= min_lr <= max_lr, got min_lr={min_lr}, max_lr={max_lr}")
-        given = dict(eps=eps, eta_init=eta_init, reduction=reduction, min_lr=min_lr, max_lr=max_lr)
-        given_relative = dict(power=power, max_factor=max_factor, noise_floor=noise_floor)
-        other, other_rule = (given, "paper") if rule == "relative" else (given_relative, "relative")
-        defaults = PAPER_OPTIONS if rule == "relative" else RELATIVE_OPTIONS
-        unused = sorted(k for k, v in other.items() if v != defaults[k])
-        if unused:
-            raise ValueError(
-                f"{unused} only apply to rule={other_rule!r}, but rule={rule!r}; pass "
-                f"rule={other_rule!r} or leave them out"
-            )
+        check_rule_options(
+            every_n_epochs=every_n_epochs,
+            gamma=gamma,
+            rule=rule,
+            power=power,
+            max_factor=max_factor,
+            noise_floor=noise_floor,
+            eps=eps,
+            eta_init=eta_init,
+            reduction=reduction,
+            min_lr=min_lr,
+            max_lr=max_lr,
+        )
         self.every_n_epochs = every_n_epochs
         self.gamma = gamma
         self.rule = rule
@@ -176,7 +159,7 @@ class LayerwiseLRCallback(Callback):
                 f"LayerwiseLRCallback(every_n_epochs={self.every_n_epochs}) never updates with "
                 f"max_epochs={max_epochs}; choose every_n_epochs <= max_epochs"
             )
-        names = set(self._named_groups(trainer))
+        names = set(named_param_groups(trainer.optimizers))
         if not names:
             raise ValueError(
                 "LayerwiseLRCallback needs optimizer param groups with a 'name' key, one per "
@@ -205,18 +188,8 @@ class LayerwiseLRCallback(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        skipped = outputs is None or (isinstance(outputs, Mapping) and not outputs)
-        divergences = outputs.get("layer_divergence") if isinstance(outputs, Mapping) else None
-        if skipped:  # training_step returned None: the batch contributes nothing
-            divergences = {}
-        elif not isinstance(divergences, Mapping):
-            received = list(outputs) if isinstance(outputs, Mapping) else type(outputs).__name__
-            raise ValueError(
-                "LayerwiseLRCallback needs training_step to return a dict with "
-                "'layer_divergence': {param_group_name: per-sample divergence}; got "
-                f"{received}"
-            )
-        groups = self._named_groups(trainer)
+        divergences = layer_divergences(outputs)
+        groups = named_param_groups(trainer.optimizers)
         for name, value in divergences.items():
             if name not in groups:
                 raise ValueError(
@@ -241,7 +214,7 @@ class LayerwiseLRCallback(Callback):
         self._epochs_in_interval += 1
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self._update(trainer, pl_module)
-        for name, lr in self._current_lrs(trainer).items():
+        for name, lr in first_group_lrs(named_param_groups(trainer.optimizers)).items():
             _log(pl_module, "lr", name, lr)
             if name in self._count or name in self.eta:  # crucial layers: eta every epoch too
                 _log(pl_module, "eta", name, self._eta_logged(name))
@@ -288,12 +261,8 @@ class LayerwiseLRCallback(Callback):
         for name, (acc, count) in totals.items():
             d = acc / count / LN2 if count else math.nan  # step 1
             divergence[name] = d
-            if not math.isfinite(d) or d < self.noise_floor:
-                why = (
-                    "not finite"
-                    if not math.isfinite(d)
-                    else f"below noise_floor={self.noise_floor:g}"
-                )
+            why = no_signal_reason(d, self.noise_floor)
+            if why is not None:
                 self._warn_once(
                     name,
                     f"LayerwiseLRCallback: the divergence of layer {name!r} is {d:.3g} "
@@ -322,10 +291,7 @@ class LayerwiseLRCallback(Callback):
         record: dict[str, Any],
     ) -> None:
         for name, (acc, count) in totals.items():
-            if self.reduction == "sum":
-                divergence = acc / self._epochs_in_interval  # eq. 3: sum over the training set
-            else:
-                divergence = acc / count if count else math.nan
+            divergence = paper_divergence(acc, count, self._epochs_in_interval, self.reduction)
             if not math.isfinite(divergence) or divergence < 0:
                 rank_zero_warn(
                     f"LayerwiseLRCallback: accumulated divergence of layer {name!r} is "
@@ -346,7 +312,7 @@ class LayerwiseLRCallback(Callback):
 
     def _paper_factor(self, trainer: pl.Trainer, name: str, eta: float) -> float:
         """Eq. 11 with clamping for the group named ``name``: the factor new / old rate."""
-        optimizer, index = self._named_groups(trainer)[name][0]
+        optimizer, index = named_param_groups(trainer.optimizers)[name][0]
         alpha = optimizer.param_groups[index]["lr"]
         if alpha == 0:
             rank_zero_warn(
@@ -361,41 +327,14 @@ class LayerwiseLRCallback(Callback):
         """Multiply every param group named ``name`` and its schedulers' anchors by ``factor``."""
         if factor == 1.0:
             return
-        for optimizer, index in self._named_groups(trainer)[name]:
-            group = optimizer.param_groups[index]
-            group["lr"] *= factor
-            for key in ("initial_lr", "max_lr", "min_lr"):  # OneCycleLR keeps its anchors here
-                if isinstance(group.get(key), (int, float)):
-                    group[key] *= factor
-            for config in trainer.lr_scheduler_configs:
-                for scheduler in _with_children(config.scheduler):
-                    if getattr(scheduler, "optimizer", None) is optimizer:
-                        for attribute in ("base_lrs", "_last_lr"):
-                            values = getattr(scheduler, attribute, None)
-                            if isinstance(values, list) and index < len(values):
-                                values[index] *= factor
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        for optimizer, index in named_param_groups(trainer.optimizers)[name]:
+            scale_param_group(optimizer, index, schedulers, factor)
 
     def _warn_once(self, name: str, message: str) -> None:
         if name not in self._warned:
             self._warned.add(name)
             rank_zero_warn(message)
-
-    # ------------------------------------------------------------------ helpers
-    @staticmethod
-    def _named_groups(trainer: pl.Trainer) -> dict[str, list[tuple[Optimizer, int]]]:
-        named: dict[str, list[tuple[Optimizer, int]]] = {}
-        for optimizer in trainer.optimizers:
-            for index, group in enumerate(optimizer.param_groups):
-                if "name" in group:
-                    named.setdefault(group["name"], []).append((optimizer, index))
-        return named
-
-    def _current_lrs(self, trainer: pl.Trainer) -> dict[str, float]:
-        return {
-            name: optimizer.param_groups[index]["lr"]
-            for name, places in self._named_groups(trainer).items()
-            for optimizer, index in places[:1]
-        }
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -443,14 +382,6 @@ def _record(
     record[name] = {"divergence": divergence, "eta": eta, "factor": factor}
     _log(pl_module, "divergence", name, divergence)
     _log(pl_module, "factor", name, factor)
-
-
-def _with_children(scheduler: Any) -> list[Any]:
-    """A scheduler and, for SequentialLR/ChainedScheduler, the schedulers it wraps."""
-    found = [scheduler]
-    for child in getattr(scheduler, "_schedulers", None) or []:
-        found.extend(_with_children(child))
-    return found
 
 
 def _is_last_batch(trainer: pl.Trainer, batch_idx: int) -> bool:

@@ -17,15 +17,17 @@ from lightning_layerkd.information_flow import (
     conditional_probabilities,
     cosine_kernel,
     critical_period_weights,
-    information_flow_divergence,
     jeffreys_divergence,
+    multi_layer_pkt_loss,
+    pkt_loss,
+    student_t_kernel,
+)
+from lightning_layerkd.layer_matching import (
+    information_flow_divergence,
     layer_information,
     match_layers,
-    multi_layer_pkt_loss,
     nearest_centroid_accuracy,
-    pkt_loss,
     report_layer_matching,
-    student_t_kernel,
 )
 
 R = 1.0 / math.sqrt(2.0)

@@ -264,7 +264,7 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
         "wall_time_s": time.time() - start,
     }
     if isinstance(method, InformationFlow) and module.layer_pairs:
-        from lightning_layerkd.information_flow import report_layer_matching
+        from lightning_layerkd.layer_matching import report_layer_matching
 
         # Passalis et al. eqs. 3-4: which teacher layer should feed which student layer,
         # judged by each layer's nearest-centroid accuracy on validation batches
