@@ -100,7 +100,7 @@ def student_t_kernel(a: Tensor, b: Tensor | None = None, d: float = 1.0) -> Tens
     """Student-t kernel ``K_T(a, b) = 1 / (1 + ||a - b||_2^d)`` (section 3.1, ``d = 1``).
 
     The paper's typeset formula shows ``||a - b||_2^2`` next to "where d is typically set to
-    1"; we read the exponent as ``d`` (design.md section 6), so the default is the plain
+    1"; we read the exponent as ``d`` (docs/design.md section 6), so the default is the plain
     Euclidean distance. Distances come from ``||a||^2 + ||b||^2 - 2 a^T b`` after centring both
     sets on the mean of ``a`` (translation invariant, less cancellation); a zero distance
     contributes a zero (sub)gradient instead of the ``inf`` of ``sqrt`` at 0.

@@ -1,4 +1,4 @@
-"""Information-flow distillation (Passalis et al. 2020, eqs. 3-10; design.md section 6).
+"""Information-flow distillation (Passalis et al. 2020, eqs. 3-10; docs/design.md section 6).
 
 Hand-computed values on 4-sample batches; the references below are written from the equations
 with explicit loops, independently of the vectorised implementation.
