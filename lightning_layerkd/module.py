@@ -63,10 +63,8 @@ class DistillationModule(LightningModule):
             method without a teacher (``"none"``, the student alone).
         student: the network to train.
         method: a :class:`~lightning_layerkd.methods.DistillationMethod`, e.g.
-            ``JacobianMaps(wrt="weight")``, or a registered name built with its defaults:
-            ``"attention"`` (eq. 2), ``"jacobian"`` (eq. 4), ``"hessian"`` (eq. 6),
-            ``"jacobian_matching"`` (Srinivas & Fleuret 2018), ``"information_flow"``
-            (Passalis et al. 2020), ``"logits"`` (Hinton et al. 2015) or ``"none"``.
+            ``JacobianMaps(wrt="weight")``, or a registered name built with its defaults
+            (``"attention"``, ``"jacobian"``, ``"hessian"``, ... :mod:`lightning_layerkd.methods`).
         layers: ``"auto"`` (docs/design.md section 2, run on ``example_input`` or on the first
             training batch before the optimizer is built), a list of paths present in both
             networks, a list of ``(student_path, teacher_path)`` pairs, or a dict
@@ -111,10 +109,7 @@ class DistillationModule(LightningModule):
         self.save_hyperparameters(
             ignore=["teacher", "student", "example_input", "optimizer", "scheduler", "method"]
         )
-        self.hparams.update(
-            method=self.method.name,
-            method_options=self.method.options(),
-        )
+        self.hparams.update(method=self.method.name, method_options=self.method.options())
         self.student = student
         self.teacher = teacher
         if teacher is not None:
@@ -142,9 +137,7 @@ class DistillationModule(LightningModule):
     # ------------------------------------------------------------------ layers and hooks
     @property
     def divergence_name(self) -> str:
-        """How the per-layer term is logged (``train/<name>/<layer>``), from the method: ``jsd``
-        (eqs. 8-10), ``jacobian_matching`` (Srinivas & Fleuret's eq. 10), ``pkt`` (Passalis et
-        al.'s eq. 7), or a user method's own."""
+        """How the per-layer term is logged, ``train/<name>/<layer>``: the method's own."""
         return self.method.divergence_name
 
     @property
@@ -177,10 +170,8 @@ class DistillationModule(LightningModule):
             assert self.teacher is not None
             check_layer_pairs(self.student, self.teacher, self.layer_pairs, x, reserved=BASE_GROUP)
             if not checked and x is not None:
-                pairs = self.layer_pairs
-                for pair, why in self.method.uninformative_pairs(
-                    self.student, self.teacher, pairs, x
-                ).items():
+                nets, pairs = (self.student, self.teacher), self.layer_pairs
+                for pair, why in self.method.uninformative_pairs(*nets, pairs, x).items():
                     rank_zero_warn(f"crucial layer pair {pair}: {why}")
             self._student_hooks = self._make_hooks(self.student, 0, x, "student")
             self._teacher_hooks = self._make_hooks(self.teacher, 1, x, "teacher")
@@ -195,10 +186,7 @@ class DistillationModule(LightningModule):
         assert model is not None and self.layer_pairs is not None
         paths = [pair[side] for pair in self.layer_pairs]
         modules = [resolve_module(model, path, x, role=role) for path in paths]
-        hooked = [
-            self.method.hook_module(model, path, module)
-            for path, module in zip(paths, modules, strict=True)
-        ]
+        hooked = [self.method.hook_module(model, *pm) for pm in zip(paths, modules, strict=True)]
         return FeatureHooks([m for _, m in hooked], [p for p, _ in hooked])
 
     def remove_hooks(self) -> None:
@@ -212,8 +200,8 @@ class DistillationModule(LightningModule):
         """Discover the crucial layers before the optimizer is built (docs/design.md section 2)."""
         if not self.method.uses_layers or self._student_hooks is not None:
             return
-        if stage not in ("fit", "validate"):
-            return  # test/predict need only the student; layers resolve lazily if used
+        if stage not in ("fit", "validate"):  # test/predict need only the student
+            return
         x = self.example_input
         if x is None and (self.layer_pairs is None or self.method.inspects_pairs):
             x = self._example_from_data(stage)
@@ -395,10 +383,9 @@ class DistillationModule(LightningModule):
         checkpoint["layerkd_layer_pairs"] = self.layer_pairs
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("layerkd_layer_pairs")
-        if saved is None:
+        saved = [tuple(pair) for pair in checkpoint.get("layerkd_layer_pairs") or []]
+        if not saved:
             return
-        saved = [tuple(pair) for pair in saved]
         if self.layer_pairs is None:
             self.layer_pairs = saved  # type: ignore[assignment]
         elif saved != self.layer_pairs:
