@@ -135,7 +135,8 @@ def check_rule_options(
 
 def layer_divergences(outputs: Any) -> Mapping[str, Any]:
     """The ``"layer_divergence"`` mapping of a ``training_step`` result, ``{}`` for a skipped
-    batch (``None`` or an empty dict); anything else without that mapping is an error."""
+    batch (``None`` or an empty dict); anything else without that mapping, or a divergence that
+    is not one value per sample, is an error."""
     if outputs is None or (isinstance(outputs, Mapping) and not outputs):
         return {}  # training_step returned None: the batch contributes nothing
     divergences = outputs.get("layer_divergence") if isinstance(outputs, Mapping) else None
@@ -146,6 +147,14 @@ def layer_divergences(outputs: Any) -> Mapping[str, Any]:
             "'layer_divergence': {param_group_name: per-sample divergence}; got "
             f"{received}"
         )
+    for name, value in divergences.items():
+        shape = tuple(getattr(value, "shape", ()))
+        if len(shape) != 1:
+            raise ValueError(
+                f"layer_divergence[{name!r}] has shape {shape}; it must hold one divergence per "
+                "sample, shape (batch_size,): a per-batch scalar would count once per batch "
+                "instead of once per sample (repeat it with .expand(batch_size))"
+            )
     return divergences
 
 

@@ -4,8 +4,8 @@ accuracy (multi-class) or mAP and accuracy (multi-label) that the module logs.""
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch import Tensor
-from torchmetrics import MetricCollection
+from torch import Tensor, nn
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MultilabelAccuracy,
@@ -14,7 +14,7 @@ from torchmetrics.classification import (
 
 from lightning_layerkd.maps import Task
 
-__all__ = ["task_loss", "task_metrics"]
+__all__ = ["LayerMeans", "task_loss", "task_metrics"]
 
 
 def task_loss(logits: Tensor, target: Tensor, task: Task = "multiclass") -> Tensor:
@@ -37,3 +37,17 @@ def task_metrics(task: Task, num_classes: int) -> MetricCollection:
             "acc": MultilabelAccuracy(num_labels=num_classes, average="micro"),
         }
     )
+
+
+class LayerMeans(nn.ModuleDict):
+    """One :class:`~torchmetrics.MeanMetric` per crucial layer (the validation divergences),
+    created on first use and reset by Lightning at each epoch end like any logged metric."""
+
+    def metric(self, layer: str) -> MeanMetric:
+        """The mean of ``layer`` (module paths may contain dots, which keys cannot)."""
+        key = layer.replace(".", "__") or "__root__"
+        if key not in self:
+            self[key] = MeanMetric()
+        metric = self[key]
+        assert isinstance(metric, MeanMetric)
+        return metric

@@ -14,8 +14,9 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torchmetrics import MeanMetric
 
+from lightning_layerkd.batches import first_batch, split_batch
+from lightning_layerkd.guards import check_finite_loss, check_not_compiled, check_trainable
 from lightning_layerkd.hooks import CrucialLayerError, FeatureHooks
 from lightning_layerkd.layers import (
     LayerSpec,
@@ -28,7 +29,7 @@ from lightning_layerkd.layers import (
 from lightning_layerkd.maps import TASKS, Task
 from lightning_layerkd.methods import DistillationMethod, MapMethod, MethodOutput, Networks
 from lightning_layerkd.methods.base import build_method, check_choice
-from lightning_layerkd.metrics import task_loss, task_metrics
+from lightning_layerkd.metrics import LayerMeans, task_loss, task_metrics
 
 __all__ = ["BASE_GROUP", "DistillationModule", "LayerSpec"]
 
@@ -79,6 +80,8 @@ class DistillationModule(LightningModule):
             ``weight_decay=5e-4``); Hydra's ``_partial_: true`` builds one.
         scheduler: optional callable that takes the optimizer and returns an LR scheduler.
         scheduler_interval: ``"epoch"`` or ``"step"``.
+        check_finite: stop with an error that names the cause when the training loss is not
+            finite (one host sync per step; off, a NaN spreads into the weights silently).
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class DistillationModule(LightningModule):
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
         scheduler_interval: Literal["epoch", "step"] = "epoch",
+        check_finite: bool = True,
     ) -> None:
         super().__init__()
         self.method = build_method(method)
@@ -106,6 +110,11 @@ class DistillationModule(LightningModule):
             )
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
+        check_trainable(student)
+        if self.method.needs_autograd:
+            check_not_compiled(student, "student", self.method.name)
+            check_not_compiled(teacher, "teacher", self.method.name)
+        self.check_finite = check_finite
         self.save_hyperparameters(
             ignore=["teacher", "student", "example_input", "optimizer", "scheduler", "method"]
         )
@@ -132,7 +141,7 @@ class DistillationModule(LightningModule):
         self._teacher_hooks: FeatureHooks | None = None
 
         self.val_metrics = task_metrics(task, num_classes).clone(prefix="val/")
-        self.val_jsd = nn.ModuleDict()
+        self.val_jsd = LayerMeans()
 
     # ------------------------------------------------------------------ layers and hooks
     @property
@@ -175,9 +184,8 @@ class DistillationModule(LightningModule):
                     rank_zero_warn(f"crucial layer pair {pair}: {why}")
             self._student_hooks = self._make_hooks(self.student, 0, x, "student")
             self._teacher_hooks = self._make_hooks(self.teacher, 1, x, "teacher")
-            for name in self.layer_names:
-                if name not in self.val_jsd:
-                    self.val_jsd[_key(name)] = MeanMetric()
+            for name in self.layer_names:  # created before fit moves the module to its device
+                self.val_jsd.metric(name)
         return list(self.layer_pairs)
 
     def _make_hooks(
@@ -221,42 +229,26 @@ class DistillationModule(LightningModule):
         self.remove_hooks()
 
     def _example_from_data(self, stage: str) -> Tensor | None:
-        trainer = self._trainer
-        if trainer is None:
-            return None
-        datamodule: Any = getattr(trainer, "datamodule", None)
-        if datamodule is not None:
-            loader = (
-                datamodule.train_dataloader() if stage == "fit" else datamodule.val_dataloader()
-            )
-        else:
-            loop: Any = trainer.fit_loop if stage == "fit" else trainer.validate_loop
-            loader = loop._data_source.dataloader()
-        if loader is None:
-            return None
-        if isinstance(loader, (list, tuple)):
-            loader = loader[0]
-        x, _ = self.unpack_batch(next(iter(loader)))
-        return x
+        batch = first_batch(self._trainer, stage) if self._trainer is not None else None
+        return None if batch is None else self.unpack_batch(batch)[0]
 
     # ------------------------------------------------------------------ model API
     def unpack_batch(self, batch: Any) -> tuple[Tensor, Tensor]:
         """Split a batch into ``(inputs, targets)``; override for other batch layouts."""
-        if isinstance(batch, (list, tuple)) and len(batch) >= 2:
-            return batch[0], batch[1]
-        raise TypeError(
-            "DistillationModule expects batches (inputs, targets) as a tuple or list, got "
-            f"{type(batch).__name__}; override unpack_batch() for other layouts"
-        )
+        return split_batch(batch)
 
     def forward(self, x: Tensor) -> Tensor:
         """The student's logits."""
         return self.student(x)
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """The student's logits for ``(inputs, ...)`` batches or bare input tensors."""
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self.student(x)
+        """The student's logits for bare input tensors, ``(inputs,)`` or whatever
+        :meth:`unpack_batch` splits (its inputs)."""
+        if isinstance(batch, Tensor):
+            return self.student(batch)
+        if isinstance(batch, (list, tuple)) and len(batch) == 1:
+            return self.student(batch[0])
+        return self.student(self.unpack_batch(batch)[0])
 
     def train(self, mode: bool = True) -> DistillationModule:
         """Set train mode for the student; the teacher stays in eval mode (docs/design.md 1)."""
@@ -320,6 +312,9 @@ class DistillationModule(LightningModule):
         task_loss = self.task_loss(out.logits, y)
         task_weight = 1.0 if self.method.task_loss else 0.0
         loss = task_weight * task_loss + sum(out.losses.values(), x.new_zeros(()))
+        if self.check_finite:
+            terms = {"task_loss": task_loss, **out.losses}
+            check_finite_loss(loss, terms, x, epoch=self.current_epoch, batch_idx=batch_idx)
         if self._trainer is not None:
             batch_size = x.shape[0]
             self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
@@ -348,8 +343,7 @@ class DistillationModule(LightningModule):
         self.val_metrics.update(logits, y.long() if self.task == "multilabel" else y)
         self.log_dict(self.val_metrics, batch_size=batch_size, prog_bar=True)
         for name, d in divergences.items():
-            metric = self.val_jsd[_key(name)]
-            assert isinstance(metric, MeanMetric)
+            metric = self.val_jsd.metric(name)
             metric.update(d.detach())
             self.log(f"val/{self.divergence_name}/{name}", metric, batch_size=batch_size)
 
@@ -393,8 +387,3 @@ class DistillationModule(LightningModule):
                 f"the checkpoint was trained with crucial layers {saved}, but this module "
                 f"uses {self.layer_pairs}; pass layers={saved} to resume it"
             )
-
-
-def _key(name: str) -> str:
-    # ModuleDict keys cannot contain dots.
-    return name.replace(".", "__") or "__root__"

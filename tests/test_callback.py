@@ -331,6 +331,7 @@ class ContractModule(LightningModule):
         make_scheduler: optional scheduler factory, stepped every ``interval``.
         scale: multiplies every reported divergence.
         report: the layers whose divergence ``training_step`` reports (default: both).
+        per_batch: report each layer's batch mean (a scalar) instead of per-sample values.
     """
 
     def __init__(
@@ -346,8 +347,10 @@ class ContractModule(LightningModule):
         lr: float = LR,
         scale: float = 1.0,
         report: list[str] | None = None,
+        per_batch: bool = False,
     ) -> None:
         super().__init__()
+        self.per_batch = per_batch
         self.net = make_tiny_cnn(4)
         self.scale = scale
         self.report = LAYERS if report is None else report
@@ -387,7 +390,7 @@ class ContractModule(LightningModule):
                 d = torch.full_like(d, self.constant[name])
             if self.current_epoch in self.nan_epochs.get(name, ()):
                 d = torch.full_like(d, math.nan)
-            divergences[self.rename.get(name, name)] = d
+            divergences[self.rename.get(name, name)] = d.mean() if self.per_batch else d
         return {"loss": loss, "layer_divergence": divergences}
 
     def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
@@ -674,6 +677,14 @@ def test_bare_loss_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"training_step to return a dict with 'layer_divergence'"):
         fit_contract(module, LayerwiseLRCallback(every_n_epochs=1), tmp_path, 1)
     assert module.train_steps == 1  # raised at the first batch
+
+
+def test_per_batch_scalar_divergence_is_rejected(tmp_path: Path) -> None:
+    """A scalar per batch would count once per batch, shrinking eta by the batch size."""
+    module = ContractModule(per_batch=True)
+    with pytest.raises(ValueError, match=r"layer_divergence\['0'\] has shape \(\); .*per sample"):
+        fit_contract(module, LayerwiseLRCallback(every_n_epochs=1), tmp_path, 1)
+    assert module.train_steps == 1
 
 
 def test_unknown_layer_name_lists_groups(tmp_path: Path) -> None:

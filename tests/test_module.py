@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import lightning.pytorch as pl
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_layerkd import DistillationModule
 from lightning_layerkd.derivatives import jacobian_map
 from lightning_layerkd.divergence import js_divergence
+from lightning_layerkd.guards import NonFiniteLossError
 from lightning_layerkd.information_flow import pkt_loss
 from lightning_layerkd.jacobian_matching import input_jacobian, jacobian_matching_loss
 from lightning_layerkd.maps import attention_map, to_distribution
@@ -505,3 +507,54 @@ def test_teacher_and_student_probes_go_to_their_roles(monkeypatch):
     assert calls == [(False, 3), (True, 2)]
     with pytest.raises(ValueError, match="teacher_probes must be at least 1"):
         HessianMaps(teacher_probes=0)
+
+
+# ------------------------------------------------------------- guards (nothing silently wrong)
+def test_one_nan_image_stops_the_fit_with_the_cause(tmp_path):
+    """A NaN input makes the loss NaN: the fit stops at that batch, naming the batch and the
+    non-finite inputs, before the student's weights turn NaN."""
+    teacher, student = pair()
+    x, y = batch(n=24)
+    x[13, 0, 2, 2] = math.nan  # batch 1 (batch size 8)
+    module = DistillationModule(teacher, student, num_classes=5, layers=PAIRS[:2])
+    data = DataLoader(TensorDataset(x, y), batch_size=8)
+    with pytest.raises(NonFiniteLossError, match=r"batch 1 .*1 non-finite input values"):
+        trainer(tmp_path).fit(module, data)
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+
+
+def test_a_huge_learning_rate_stops_with_a_hint(tmp_path):
+    teacher, student = pair()
+    module = DistillationModule(
+        teacher,
+        student,
+        num_classes=5,
+        layers=PAIRS[:2],
+        optimizer=functools.partial(torch.optim.SGD, lr=1e12),
+    )
+    with pytest.raises(NonFiniteLossError, match="lower lr"):
+        trainer(tmp_path, max_epochs=3).fit(module, loader())
+
+
+def test_frozen_or_compiled_students_are_refused_with_the_fix():
+    teacher, student = pair()
+    with pytest.raises(ValueError, match=r"no trainable parameters.*requires_grad_\(True\)"):
+        DistillationModule(teacher, student.requires_grad_(False), num_classes=5)
+    student.requires_grad_(True)
+    compiled = torch.compile(student)
+    with pytest.raises(ValueError, match=r"compiled with torch.compile.*student._orig_mod"):
+        DistillationModule(teacher, compiled, method="hessian", num_classes=5)
+    DistillationModule(teacher, compiled, method="attention", num_classes=5)  # no derivatives
+
+
+def test_predict_step_uses_an_unpack_batch_override(tmp_path):
+    class DictBatches(DistillationModule):
+        def unpack_batch(self, batch):
+            return batch["image"], batch["label"]
+
+    teacher, student = pair()
+    module = DictBatches(teacher, student, num_classes=5)
+    x, y = batch()
+    data = DataLoader([{"image": xi, "label": yi} for xi, yi in zip(x, y, strict=True)], 3)
+    logits = torch.cat(trainer(tmp_path).predict(module, data))
+    torch.testing.assert_close(logits, student.eval()(x))
