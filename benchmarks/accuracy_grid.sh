@@ -13,7 +13,8 @@
 # still holds whole seeds.
 set -euo pipefail
 dataset=${1:?usage: accuracy_grid.sh digits|cifar10|cifar100 [SWEEP_DIR]}
-sweep_dir=${2:-benchmarks/results/grid_${dataset}}
+# a fresh directory per call: layerkd-report refuses a directory that mixes two sweeps
+sweep_dir=${2:-benchmarks/results/grid_${dataset}_$(date +%Y%m%d-%H%M%S)}
 cifar_root=${CIFAR_ROOT:-/tmp}
 case "$dataset" in
   digits)

@@ -20,8 +20,11 @@ __all__ = ["collect", "divergence_table", "main", "plot_curves", "table"]
 SCHEDULE_LABELS = {"none": "None", "multistep": "Constant Update", "layerwise": "Layerwise Update"}
 
 
-def collect(root: Path) -> list[dict[str, Any]]:
-    """Every ``results.json`` below ``root``."""
+def collect(root: Path, sweep: str | None = None) -> list[dict[str, Any]]:
+    """Every ``results.json`` below ``root``, or only those of ``sweep`` (an id from
+    results.json). Runs of separate sweeps in separate directories are reported together; a
+    sweep directory that holds runs of two sweeps (reused, with an earlier sweep's extra jobs
+    left behind) is an error that lists them."""
     runs = []
     for path in sorted(root.rglob("results.json")):
         result = json.loads(path.read_text())
@@ -31,6 +34,30 @@ def collect(root: Path) -> list[dict[str, Any]]:
         raise FileNotFoundError(
             f"no results.json below {root}; point layerkd-report at a layerkd-train output or "
             "multirun directory"
+        )
+    if sweep is not None:
+        chosen = [run for run in runs if (run.get("sweep") or {}).get("id") == sweep]
+        if not chosen:
+            raise ValueError(f"no runs of sweep {sweep!r} below {root}")
+        return chosen
+    by_dir: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        info = run.get("sweep") or {}
+        if info.get("dir") is not None:
+            by_dir[info["dir"]][info["id"]].append(run)
+    mixed = {folder: ids for folder, ids in by_dir.items() if len(ids) > 1}
+    if mixed:
+        folder, ids = next(iter(mixed.items()))
+        lines = [
+            f"  --sweep {key}: {len(members)} runs, overrides "
+            f"{members[0]['sweep'].get('overrides')}, e.g. {members[0]['_dir']}"
+            for key, members in ids.items()
+        ]
+        raise ValueError(
+            f"the sweep directory {folder} holds runs of {len(ids)} different sweeps (it was "
+            "reused, and an earlier sweep's jobs were left behind); reporting them together "
+            "would mix their seeds. Report one, or rerun into a fresh directory:\n"
+            + "\n".join(lines)
         )
     return runs
 
@@ -184,8 +211,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="layerkd-report", description=main.__doc__)
     parser.add_argument("directory", type=Path, help="a layerkd-train output or multirun dir")
     parser.add_argument("--out", type=Path, default=None, help="where to write csv and png")
+    parser.add_argument("--sweep", default=None, help="report only this sweep id (results.json)")
     args = parser.parse_args(argv)
-    runs = collect(args.directory)
+    try:
+        runs = collect(args.directory, args.sweep)
+    except (FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"layerkd-report: error: {err}\n")
     out = args.out or args.directory
     out.mkdir(parents=True, exist_ok=True)
     header, rows = table(runs)

@@ -9,9 +9,11 @@ callbacks and the logger. Stage 1 trains the teacher or loads it from the cache
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import itertools
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,15 +22,19 @@ import hydra
 import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 from torch import nn
 
 from lightning_layerkd.callbacks import LayerwiseLRCallback
-from lightning_layerkd.layers import check_layer_pairs
+from lightning_layerkd.guards import NonFiniteLossError
+from lightning_layerkd.layers import check_layer_pairs, normalise_layers
 from lightning_layerkd.methods import DistillationMethod, InformationFlow
 from lightning_layerkd.module import BASE_GROUP, DistillationModule
 
@@ -82,9 +88,13 @@ def build_method(cfg: DictConfig) -> DistillationMethod:
 def check_config(cfg: DictConfig) -> DistillationMethod:
     """Fail before training on mistakes a sweep would otherwise find hours later; returns the
     method."""
-    for key in ("epochs", "teacher_epochs"):
-        if int(cfg[key]) < 1:
-            raise ConfigError(f"{key} must be at least 1, got {cfg[key]}")
+    for key in ("epochs", "teacher_epochs", "every_n_epochs", "num_crucial_layers", "seed"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}: e.g. {key}=8")
+        if value < (0 if key == "seed" else 1):
+            raise ConfigError(f"{key} must be at least {0 if key == 'seed' else 1}, got {value}")
+    layer_spec(cfg.layers)
     try:
         method = build_method(cfg)
     except ConfigError:
@@ -105,7 +115,10 @@ def check_config(cfg: DictConfig) -> DistillationMethod:
     if cfg.schedule.get("scheduler") is not None:
         bad = [m for m in cfg.milestones if not 0 < int(m) <= int(cfg.epochs)]
         if bad:
-            raise ConfigError(f"milestones {bad} lie outside epochs 1..{cfg.epochs}")
+            raise ConfigError(
+                f"milestones {bad} lie outside epochs 1..{cfg.epochs}; set milestones=[...] "
+                "within them, or leave milestones unset (half and three quarters of epochs)"
+            )
     if getattr(method, "auxiliary", False) and "width" not in cfg.model.student:
         raise ConfigError(
             "method.auxiliary=true builds the student's architecture at twice the width, but "
@@ -140,6 +153,22 @@ def dataset_label(cfg: DictConfig, datamodule: Any) -> str:
     return DATASET_LABELS.get(name, name)
 
 
+def layer_spec(layers: Any) -> Any:
+    """``"auto"`` or ``(student, teacher)`` pairs from the config's ``layers``: a list of paths
+    present in both networks or of ``[student, teacher]`` pairs."""
+    if layers == "auto":
+        return "auto"
+    spec = OmegaConf.to_container(layers) if OmegaConf.is_config(layers) else layers
+    try:
+        return normalise_layers(spec)  # type: ignore[arg-type]
+    except ValueError as err:
+        raise ConfigError(
+            f"layers={layers!r} is not a layer list ({err}); use layers=auto, "
+            "'layers=[layer1,layer2]' (the same paths in both networks) or "
+            "'layers=[[layer1,layer1],[layer2,stage2]]' ([student, teacher] pairs)"
+        ) from err
+
+
 def check_layers(
     method: DistillationMethod,
     teacher: nn.Module,
@@ -152,9 +181,11 @@ def check_layers(
     unknown paths list the candidates."""
     if layers == "auto":
         return method.auto_layers(teacher, student, example, num_layers)
-    pairs = [(str(s), str(t)) for s, t in layers]
-    check_layer_pairs(student, teacher, pairs, example, reserved=BASE_GROUP)
-    return pairs
+    try:
+        check_layer_pairs(student, teacher, layers, example, reserved=BASE_GROUP)
+    except ValueError as err:
+        raise ConfigError(f"layers: {err}") from err
+    return list(layers)
 
 
 def _callbacks(cfg: DictConfig, history: EpochHistory) -> tuple[list[Callback], Any]:
@@ -166,6 +197,36 @@ def _callbacks(cfg: DictConfig, history: EpochHistory) -> tuple[list[Callback], 
     return built, (built[0] if layerwise is not None else None)
 
 
+def build_datamodule(cfg: DictConfig) -> Any:
+    """The dataset, prepared and set up; a data mistake (a missing path or file, unreadable
+    arrays) is a :class:`ConfigError` that names it."""
+    try:
+        datamodule = instantiate(cfg.dataset)
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+    except (InstantiationException, FileNotFoundError, ValueError, MissingMandatoryValue) as err:
+        cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
+        raise ConfigError(f"dataset ({cfg.dataset.get('_target_')}): {cause}") from cause
+    return datamodule
+
+
+def sweep_identity() -> dict[str, Any]:
+    """Which sweep (``-m``) or single run this job belongs to: the directory and a hash of the
+    sweep's overrides, so that ``layerkd-report`` can refuse a directory that mixes sweeps."""
+    try:
+        hydra_cfg = HydraConfig.get()
+    except ValueError:  # not under Hydra (the Python API)
+        return {}
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        folder = Path(hydra_cfg.sweep.dir)
+        spec = OmegaConf.load(folder / "multirun.yaml").hydra.overrides.task
+    else:
+        folder, spec = Path(hydra_cfg.runtime.output_dir), hydra_cfg.overrides.task
+    overrides = [str(o) for o in spec]
+    digest = hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:12]
+    return {"dir": str(folder), "id": digest, "overrides": overrides}
+
+
 # ---------------------------------------------------------------------- the run
 def run(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
     """Run both stages for one config and return (and write) the results."""
@@ -175,13 +236,11 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
     method = check_config(cfg)
     root.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.dataset)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
+    datamodule = build_datamodule(cfg)
     teacher, student = _model(cfg.model.teacher, datamodule), _model(cfg.model.student, datamodule)
     example = next(iter(datamodule.train_dataloader()))[0]
     auxiliary = _auxiliary_model(cfg, datamodule) if getattr(method, "auxiliary", False) else None
-    layers: Any = cfg.layers if cfg.layers == "auto" else [list(p) for p in cfg.layers]
+    layers: Any = layer_spec(cfg.layers)
     if method.uses_layers:  # bad layer paths fail here, before any training
         source = auxiliary if auxiliary is not None else teacher
         layers = check_layers(method, source, student, layers, example, cfg.num_crucial_layers)
@@ -243,6 +302,7 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
         "method_options": method.options(),
         "divergence_name": method.divergence_name,
         "schedule": cfg.schedule.name,
+        "sweep": sweep_identity(),
         "dataset": dataset_label(cfg, datamodule),
         "layer_pairs": module.layer_pairs,
         "teacher": teacher_meta,
@@ -306,8 +366,16 @@ def _pct(value: float | None) -> str:
 
 @hydra.main(version_base="1.3", config_path="pkg://lightning_layerkd.conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """``layerkd-train``: one job per config; ``-m`` runs a sweep."""
-    results = run(cfg)
+    """``layerkd-train``: one job per config; ``-m`` runs a sweep. A configuration mistake
+    prints its message and exits with status 2; a run that cannot learn, with status 1."""
+    try:
+        results = run(cfg)
+    except ConfigError as err:
+        print(f"layerkd-train: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteLossError as err:
+        print(f"layerkd-train: {err}", file=sys.stderr)
+        sys.exit(1)
     if getattr(rank_zero_only, "rank", 0) == 0:
         print(format_result(results))
     return results["student"]["val_acc"]
