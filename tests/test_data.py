@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import lightning.pytorch as pl
 import numpy as np
@@ -13,6 +15,7 @@ from fixtures import make_coco_fixture
 
 from lightning_layerkd import DistillationModule
 from lightning_layerkd.data import (
+    ARRAY_FILES,
     ArraysDataModule,
     Cifar10DataModule,
     Cifar100DataModule,
@@ -231,6 +234,118 @@ def test_arrays_bad_shapes_and_dtypes(tmp_path, key, value, match):
         ArraysDataModule(tmp_path)
 
 
+def test_arrays_num_classes_is_inferred_only_from_labels_0_to_k_minus_1(tmp_path):
+    arrays = make_arrays()
+    arrays["y_train"] = np.where(np.arange(40) == 5, 1000, np.arange(40) % 10)
+    save_npy(tmp_path, arrays)
+    with pytest.raises(ValueError) as err:
+        ArraysDataModule(tmp_path)
+    message = str(err.value)
+    for part in ("11 distinct labels", "from 0 to 1000", "10, 11, 12", "dataset.num_classes"):
+        assert part in message
+    assert "num_classes=" in message and "relabel" in message
+    assert ArraysDataModule(tmp_path, num_classes=1001).num_classes == 1001  # explicit is fine
+    arrays["y_train"], arrays["y_test"] = np.arange(40) % 4 + 1, arrays["y_test"] + 1  # no 0
+    save_npy(tmp_path / "b", arrays)
+    with pytest.raises(ValueError, match=r"4 distinct labels from 1 to 4, missing: 0 \("):
+        ArraysDataModule(tmp_path / "b")
+
+
+@pytest.mark.parametrize("label, match", [(4, "labels go up to 4"), (-1, "negative labels")])
+def test_arrays_labels_outside_given_num_classes(tmp_path, label, match):
+    arrays = make_arrays()
+    arrays["y_test"] = np.where(np.arange(20) == 3, label, arrays["y_test"].astype(np.int64))
+    save_npy(tmp_path, arrays)
+    with pytest.raises(ValueError, match=match):
+        ArraysDataModule(tmp_path, num_classes=4)
+
+
+@pytest.mark.parametrize("split, need", [("test", "validation"), ("train", "training")])
+def test_arrays_empty_split_is_an_error_at_setup(tmp_path, split, need):
+    arrays = make_arrays()
+    arrays[f"x_{split}"], arrays[f"y_{split}"] = np.zeros((0, 8, 8, 3), np.uint8), np.zeros(0, int)
+    save_npy(tmp_path, arrays)
+    with pytest.raises(ValueError, match=rf"x_{split}\.npy .*0 images.*{need} needs at least one"):
+        ArraysDataModule(tmp_path, num_classes=4).setup("fit")
+
+
+def damage_npy(path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "object":
+        np.save(path, np.array([1, "a", None], dtype=object), allow_pickle=True)
+    elif how == "not_npy":
+        path.write_text("x,y\n1,2\n")
+    else:
+        path.write_bytes(data[: {"data": len(data) // 2, "header": 40, "empty": 0}[how]])
+
+
+@pytest.mark.parametrize(
+    "how, match",
+    [
+        ("data", r"truncated: it has \d+ bytes but its header describes a uint8 array"),
+        ("header", "header is truncated or unreadable"),
+        ("empty", "is empty"),
+        ("object", "holds Python objects"),
+        ("not_npy", "is not a .npy file"),
+    ],
+)
+def test_arrays_truncated_or_unreadable_npy(tmp_path, how, match):
+    save_npy(tmp_path, make_arrays())
+    damage_npy(tmp_path / "x_train.npy", how)
+    with pytest.raises(ValueError, match=match) as err:
+        ArraysDataModule(tmp_path)
+    message = str(err.value)
+    assert str(tmp_path / "x_train.npy") in message and "numpy.save" in message
+    assert "uint8 images" in message and "integer labels" in message
+
+
+def test_arrays_npz_with_object_array(tmp_path):
+    arrays = make_arrays()
+    arrays["y_test"] = np.array([1, "a"] * 10, dtype=object)
+    np.savez(tmp_path / "data.npz", **arrays)
+    with pytest.raises(ValueError, match=r"data\.npz: y_test holds Python objects.*numpy\.savez"):
+        ArraysDataModule(tmp_path)
+
+
+# ---------------------------------------------------------------------- data fingerprint
+def test_data_fingerprint_follows_the_array_contents_not_the_path(tmp_path):
+    arrays = make_arrays()
+    save_npy(tmp_path / "a", arrays)
+    save_npy(tmp_path / "b", dict(arrays, x_train=arrays["x_train"] ^ 1))  # same shapes
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    dm = ArraysDataModule(tmp_path / "a")
+    first = dm.data_fingerprint()
+    assert set(first) == set(ARRAY_FILES)
+    assert first["x_train.npy"]["size"] == (tmp_path / "a" / "x_train.npy").stat().st_size
+    assert str(tmp_path) not in json.dumps(first)
+    assert ArraysDataModule(tmp_path / "copy").data_fingerprint() == first
+    assert ArraysDataModule(tmp_path / "b").data_fingerprint() != first
+    # computed once per instance: a file replaced afterwards does not change it
+    os.replace(tmp_path / "b" / "x_train.npy", tmp_path / "a" / "x_train.npy")
+    assert dm.data_fingerprint() == first
+    assert ArraysDataModule(tmp_path / "a").data_fingerprint() != first
+    np.savez(tmp_path / "data.npz", **arrays)
+    assert set(ArraysDataModule(tmp_path / "data.npz").data_fingerprint()) == {"data.npz"}
+    assert DigitsDataModule().data_fingerprint() == {}  # bundled with the package
+
+
+@pytest.mark.parametrize(
+    "cls, folder",
+    [(Cifar10DataModule, "cifar-10-batches-py"), (Cifar100DataModule, "cifar-100-python")],
+)
+def test_cifar_data_fingerprint(tmp_path, cls, folder):
+    assert cls(tmp_path / "a").data_fingerprint() == {}  # absent: setup reports it
+    (tmp_path / "a" / folder).mkdir(parents=True)
+    (tmp_path / "a" / folder / "test_batch").write_bytes(b"batch")
+    (tmp_path / "a" / "unrelated.txt").write_text("not part of the dataset")
+    shutil.copytree(tmp_path / "a", tmp_path / "b", ignore=shutil.ignore_patterns("*.txt"))
+    first = cls(tmp_path / "a").data_fingerprint()
+    assert list(first) == [f"{folder}/test_batch"]
+    assert cls(tmp_path / "b").data_fingerprint() == first
+    (tmp_path / "b" / folder / "test_batch").write_bytes(b"other")
+    assert cls(tmp_path / "b").data_fingerprint() != first
+
+
 # ---------------------------------------------------------------------- CIFAR
 @pytest.mark.parametrize("cls", [Cifar10DataModule, Cifar100DataModule])
 def test_cifar_missing_without_download_raises_clearly(tmp_path, cls):
@@ -244,6 +359,10 @@ def test_cifar_missing_without_download_raises_clearly(tmp_path, cls):
     message = str(err.value)
     assert str(tmp_path) in message and "download=True" in message
     assert "dataset=arrays" in message
+    # both the Python and the command-line switch, and the folder it looked in
+    assert "dataset.download=true" in message
+    folder = "cifar-10-batches-py" if cls is Cifar10DataModule else "cifar-100-python"
+    assert str(tmp_path / folder) in message
 
 
 def test_cifar_rejects_bad_name_and_subset(tmp_path):
@@ -304,6 +423,88 @@ def test_coco_missing_paths(tmp_path):
         CocoDataModule(tmp_path / "missing.json", image_dir, annotation_file, image_dir)
     with pytest.raises(FileNotFoundError, match="val image directory not found"):
         CocoDataModule(annotation_file, image_dir, annotation_file, tmp_path / "nope")
+
+
+def coco_datamodule(annotation_file, image_dir, val_file=None) -> CocoDataModule:
+    val_file = annotation_file if val_file is None else val_file
+    return CocoDataModule(annotation_file, image_dir, val_file, image_dir, image_size=32)
+
+
+def test_coco_data_fingerprint(tmp_path):
+    annotation_file, image_dir = make_coco_fixture(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    first = coco_datamodule(annotation_file, image_dir).data_fingerprint()
+    assert first["val"]["images"] == 6 and first["train"]["annotations"]["file"] == "instances.json"
+    copy = coco_datamodule(tmp_path / "b" / "instances.json", tmp_path / "b" / "images")
+    assert copy.data_fingerprint() == first and str(tmp_path) not in json.dumps(first)
+    (tmp_path / "b" / "images" / "extra.png").write_bytes(b"")
+    assert copy.data_fingerprint() == first  # cached on the instance
+    other = coco_datamodule(tmp_path / "b" / "instances.json", tmp_path / "b" / "images")
+    assert other.data_fingerprint()["train"]["images"] == 7
+    make_coco_fixture(tmp_path / "c", seed=1)
+    changed = coco_datamodule(tmp_path / "c" / "instances.json", tmp_path / "c" / "images")
+    assert changed.data_fingerprint()["train"]["annotations"] != first["train"]["annotations"]
+
+
+def test_coco_empty_val_split_is_an_error_at_setup(tmp_path):
+    annotation_file, image_dir = make_coco_fixture(tmp_path)
+    coco = json.loads(annotation_file.read_text())
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps(dict(coco, images=[], annotations=[])))
+    with pytest.raises(ValueError, match=r"empty\.json lists 0 images.*validation needs at least"):
+        coco_datamodule(annotation_file, image_dir, empty).setup("fit")
+
+
+def corrupt(coco: dict, how: str) -> dict:
+    if how == "category_str":
+        coco["annotations"][2]["category_id"] = "x"
+    elif how == "unknown_category":
+        coco["annotations"][2]["category_id"] = 999
+    elif how == "unknown_image":
+        coco["annotations"][2]["image_id"] = 999
+    elif how == "no_image_id":
+        del coco["annotations"][2]["image_id"]
+    elif how == "images_not_list":
+        coco["images"] = {"id": 1}
+    elif how == "category_no_id":
+        del coco["categories"][1]["id"]
+    elif how == "duplicate_image":
+        coco["images"][1]["id"] = coco["images"][0]["id"]
+    elif how == "file_name":
+        coco["images"][1]["file_name"] = 7
+    return coco
+
+
+@pytest.mark.parametrize(
+    "how, match",
+    [
+        ("category_str", r"annotation at index 2 \(id 3\): category_id is 'x'; expected an int"),
+        ("unknown_category", r"annotation at index 2 \(id 3\) refers to category 999, which"),
+        ("unknown_image", r"annotation at index 2 \(id 3\) refers to image 999, which"),
+        ("no_image_id", r"annotation at index 2 \(id 3\) has no 'image_id'"),
+        ("images_not_list", r"'images' is an object; expected a list"),
+        ("category_no_id", r"category at index 1 has no 'id'"),
+        ("duplicate_image", r"image at index 1 \(id 100\): the id 100 is listed twice"),
+        ("file_name", r"image at index 1 \(id 101\): file_name is 7; expected a str"),
+        ("not_json", r"is not valid JSON \(line 1, column 1"),
+        ("latin1", r"is not UTF-8 text"),
+        ("list", r"holds a list; expected a COCO instances file: a JSON object"),
+    ],
+)
+def test_coco_malformed_annotation_file(tmp_path, how, match):
+    annotation_file, image_dir = make_coco_fixture(tmp_path)
+    bad = tmp_path / "bad.json"
+    if how == "not_json":
+        bad.write_text("images: []")
+    elif how == "latin1":
+        bad.write_bytes(annotation_file.read_text().replace("shape0", "sh\xe4pe").encode("latin-1"))
+    elif how == "list":
+        bad.write_text("[]")
+    else:
+        bad.write_text(json.dumps(corrupt(json.loads(annotation_file.read_text()), how)))
+    with pytest.raises(ValueError, match=match) as err:
+        coco_datamodule(annotation_file, image_dir, bad)
+    assert str(bad) in str(err.value)
 
 
 @pytest.mark.filterwarnings("ignore:No positive samples found in target")

@@ -1,24 +1,35 @@
 """Images and labels from NumPy arrays (``.npy`` files or one ``.npz``): the in-memory
-:class:`ArrayImageDataset` and :class:`ArraysDataModule`, with the loading and checking of the
-arrays."""
+:class:`ArrayImageDataset` and :class:`ArraysDataModule` (the files are read and checked in
+:mod:`.array_files`)."""
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .base import ImageDataModule, RandomCropFlip, ReseedableDataset, SubsetSpec, select_subset
+from .array_files import (
+    ARRAY_FILES,
+    ARRAY_KEYS,
+    check_arrays,
+    load_arrays,
+    require_images,
+    resolve_num_classes,
+)
+from .base import (
+    ImageDataModule,
+    RandomCropFlip,
+    ReseedableDataset,
+    SubsetSpec,
+    file_digest,
+    select_subset,
+)
 
 __all__ = ["ARRAY_FILES", "ARRAY_KEYS", "ArrayImageDataset", "ArraysDataModule"]
-
-ARRAY_FILES = ("x_train.npy", "y_train.npy", "x_test.npy", "y_test.npy")
-ARRAY_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
 class ArrayImageDataset(ReseedableDataset):
@@ -81,88 +92,6 @@ def _channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[list[float], 
     return mean.tolist(), np.where(std > 0, std, 1.0).tolist()
 
 
-def _load_arrays(data_dir: Path) -> tuple[dict[str, np.ndarray], Path]:
-    """Open ``x_train, y_train, x_test, y_test`` from four ``.npy`` files (memory-mapped) or
-    one ``.npz``; returns the arrays and the folder they came from."""
-    if not data_dir.exists():
-        raise FileNotFoundError(
-            f"data_dir {data_dir} does not exist; expected a folder with "
-            f"{', '.join(ARRAY_FILES)} or one .npz with keys {', '.join(ARRAY_KEYS)}"
-        )
-    npz: Path | None = data_dir if data_dir.is_file() else None
-    folder = data_dir.parent if npz is not None else data_dir
-    if npz is None:
-        if all((data_dir / name).is_file() for name in ARRAY_FILES):
-            arrays = {k: np.load(data_dir / f"{k}.npy", mmap_mode="r") for k in ARRAY_KEYS}
-            return arrays, folder
-        candidates = sorted(data_dir.glob("*.npz"))
-        if len(candidates) != 1:
-            found = sorted(p.name for p in data_dir.iterdir())
-            missing = [name for name in ARRAY_FILES if not (data_dir / name).is_file()]
-            raise FileNotFoundError(
-                f"no image arrays in {data_dir}: expected {', '.join(ARRAY_FILES)} "
-                f"(missing: {', '.join(missing)}) or exactly one .npz with keys "
-                f"{', '.join(ARRAY_KEYS)}; the folder contains: {', '.join(found) or 'nothing'}"
-            )
-        npz = candidates[0]
-    try:
-        with np.load(npz) as archive:
-            missing = [k for k in ARRAY_KEYS if k not in archive.files]
-            if missing:
-                raise ValueError(
-                    f"{npz} lacks the keys {missing}; expected {list(ARRAY_KEYS)}, "
-                    f"found {archive.files}"
-                )
-            return {k: archive[k] for k in ARRAY_KEYS}, folder
-    except (zipfile.BadZipFile, OSError) as err:
-        raise ValueError(f"{npz} is not a readable .npz archive: {err}") from err
-
-
-def _check_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Validate shapes and dtypes; greyscale ``(N, H, W)`` becomes ``(N, H, W, 1)`` and labels
-    ``(N, 1)`` become ``(N,)``."""
-    out = {}
-    for split in ("train", "test"):
-        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if x.dtype != np.uint8:
-            raise ValueError(
-                f"x_{split} has dtype {x.dtype}; expected uint8 images with values 0..255"
-            )
-        if x.ndim == 3:
-            x = x[..., None]
-        if x.ndim != 4:
-            raise ValueError(
-                f"x_{split} has shape {x.shape}; expected (N, H, W, C) or greyscale (N, H, W)"
-            )
-        if x.shape[-1] > 4 and x.shape[1] <= 4:
-            raise ValueError(
-                f"x_{split} has shape {x.shape}, which looks channels-first (N, C, H, W); "
-                f"expected channels-last (N, H, W, C), e.g. x.transpose(0, 2, 3, 1)"
-            )
-        if x.shape[-1] > 4 or x.shape[1] != x.shape[2]:
-            raise ValueError(
-                f"x_{split} has shape {x.shape}; expected square images (N, H, H, C) with C in 1..4"
-            )
-        if y.ndim == 2 and y.shape[1] == 1:
-            y = y[:, 0]
-        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-            raise ValueError(
-                f"y_{split} has shape {y.shape} and dtype {y.dtype}; expected integer class "
-                "labels of shape (N,)"
-            )
-        if len(y) != len(x):
-            raise ValueError(f"x_{split} has {len(x)} images but y_{split} has {len(y)} labels")
-        if len(y) and y.min() < 0:
-            raise ValueError(f"y_{split} has negative labels (min {y.min()}); expected 0..K-1")
-        out[f"x_{split}"], out[f"y_{split}"] = x, y
-    if out["x_train"].shape[1:] != out["x_test"].shape[1:]:
-        raise ValueError(
-            f"train images are {out['x_train'].shape[1:]} but test images are "
-            f"{out['x_test'].shape[1:]}; expected the same (H, W, C)"
-        )
-    return out
-
-
 class ArraysDataModule(ImageDataModule):
     """Images and labels from NumPy arrays: ``x_train.npy``, ``y_train.npy``, ``x_test.npy``,
     ``y_test.npy`` in ``data_dir``, or one ``.npz`` with those keys (``data_dir`` may be the
@@ -170,12 +99,14 @@ class ArraysDataModule(ImageDataModule):
     ``/tmp/cifar10``.
 
     Images are uint8 ``(N, H, W, C)`` (greyscale ``(N, H, W)`` gives one channel) and labels
-    integers; validation and test use the test split. ``num_classes`` defaults to the largest
-    label + 1 over both splits; ``mean``/``std`` ([0, 1] scale) default to the full train
-    split's per-channel statistics. ``augment`` adds a random crop with ``padding``
-    (``padding_mode`` ``"zeros"`` or ``"reflect"``) and a horizontal flip, on tensors, to train
-    images. ``subset`` thins the train split (see :func:`select_subset`). ``class_names`` is read
-    from ``classes.txt`` beside the arrays when present.
+    integers; validation and test use the test split (neither split may be empty). Without
+    ``num_classes`` the labels over both splits must be exactly ``0..K-1`` (then
+    ``num_classes = K``); with it, they must lie in ``0..num_classes-1``. ``mean``/``std``
+    ([0, 1] scale) default to the full train split's per-channel statistics. ``augment`` adds a
+    random crop with ``padding`` (``padding_mode`` ``"zeros"`` or ``"reflect"``) and a horizontal
+    flip, on tensors, to train images. ``subset`` thins the train split (see
+    :func:`select_subset`). ``class_names`` is read from ``classes.txt`` beside the arrays when
+    present. :meth:`data_fingerprint` hashes the array files (``.npy`` or ``.npz``).
     """
 
     def __init__(
@@ -197,21 +128,10 @@ class ArraysDataModule(ImageDataModule):
         self.data_dir = Path(data_dir).expanduser()
         self.augment = RandomCropFlip(padding, padding_mode) if augment else None
         self.subset = subset
-        arrays, folder = _load_arrays(self.data_dir)
-        self._arrays = _check_arrays(arrays)
-        labels_max = max(
-            int(self._arrays[k].max()) if len(self._arrays[k]) else -1
-            for k in ("y_train", "y_test")
-        )
-        if num_classes is None:
-            num_classes = labels_max + 1
-        elif labels_max >= num_classes:
-            raise ValueError(
-                f"num_classes={num_classes} but the labels go up to {labels_max}; expected "
-                f"labels in 0..{num_classes - 1}"
-            )
-        if num_classes < 1:
-            raise ValueError(f"no labels found in {self.data_dir}")
+        arrays, folder, self._files = load_arrays(self.data_dir)
+        self._arrays = check_arrays(arrays)
+        labels = np.unique(np.concatenate([self._arrays["y_train"], self._arrays["y_test"]]))
+        num_classes = resolve_num_classes(labels, num_classes, self.data_dir)
         _, h, _, c = self._arrays["x_train"].shape
         self.num_classes, self.image_size, self.in_channels = num_classes, h, c
         # after num_classes is resolved: a logger merges these hparams with the module's
@@ -224,9 +144,13 @@ class ArraysDataModule(ImageDataModule):
         names = folder / "classes.txt"
         self.class_names: list[str] | None = names.read_text().split() if names.is_file() else None
 
+    def _compute_fingerprint(self) -> dict[str, Any]:
+        return {path.name: file_digest(path) for path in self._files}
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        require_images(self._arrays, self._files)
         x_train, y_train = self._arrays["x_train"], self._arrays["y_train"]
         if self.mean is None or self.std is None:
             mean, std = _channel_stats(x_train)

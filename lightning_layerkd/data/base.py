@@ -1,8 +1,12 @@
 """Shared datamodule plumbing: the :class:`ImageDataModule` base class, stratified splitting and
-subsetting, per-worker seeding of augmentation, :class:`RandomCropFlip` and shared constants."""
+subsetting, per-worker seeding of augmentation, :class:`RandomCropFlip`, file hashing for
+:meth:`ImageDataModule.data_fingerprint` and shared constants."""
 
 from __future__ import annotations
 
+import copy
+import hashlib
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -20,6 +24,8 @@ __all__ = [
     "ReseedableDataset",
     "SubsetSpec",
     "Task",
+    "file_digest",
+    "folder_digest",
     "select_subset",
     "stratified_split",
 ]
@@ -103,6 +109,24 @@ def _seed_worker(worker_id: int) -> None:
         dataset.reseed(info.seed)
 
 
+# ---------------------------------------------------------------------- data identity
+def file_digest(path: Path, chunk_size: int = 1 << 20) -> dict[str, Any]:
+    """``{"sha256": hex digest, "size": bytes}`` of the file at ``path``, read in chunks."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk_size):
+            digest.update(block)
+            size += len(block)
+    return {"sha256": digest.hexdigest(), "size": size}
+
+
+def folder_digest(folder: Path, relative_to: Path) -> dict[str, dict[str, Any]]:
+    """:func:`file_digest` of every file under ``folder`` (recursively), keyed by its path
+    relative to ``relative_to`` in POSIX form, in sorted order."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return {p.relative_to(relative_to).as_posix(): file_digest(p) for p in files}
+
+
 # ---------------------------------------------------------------------- base class
 class ImageDataModule(LightningDataModule):
     """Shared loader plumbing: seeded shuffling for train, fixed order for val/test.
@@ -129,6 +153,30 @@ class ImageDataModule(LightningDataModule):
         self.seed = seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self._fingerprint: dict[str, Any] | None = None
+
+    def data_fingerprint(self) -> dict[str, Any]:
+        """A JSON-serialisable identity of the data on disk, for keying caches of results
+        computed from the data (the app keys its teacher cache with it).
+
+        It changes whenever the data files change (it holds sha256 content hashes, sizes and
+        file counts) and does not depend on where the files are: a copied folder gives the same
+        fingerprint. ``{}`` for data bundled with the package (digits), and while data that is
+        to be downloaded is not there yet (CIFAR before ``prepare_data``; that ``{}`` is not
+        cached, and ``setup`` reports the missing data). It is computed on the first call and
+        cached on this instance, so files changed afterwards are seen by a new datamodule only.
+        """
+        if self._fingerprint is None:
+            found = self._compute_fingerprint()
+            if found is None:
+                return {}
+            self._fingerprint = found
+        return copy.deepcopy(self._fingerprint)
+
+    def _compute_fingerprint(self) -> dict[str, Any] | None:
+        """The value of :meth:`data_fingerprint`, or ``None`` while the data is not there
+        (then nothing is cached). Subclasses reading files override this."""
+        return {}
 
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:

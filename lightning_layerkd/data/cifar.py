@@ -9,7 +9,7 @@ from typing import Any, Literal
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
-from .base import ImageDataModule, SubsetSpec, select_subset
+from .base import ImageDataModule, SubsetSpec, folder_digest, select_subset
 
 __all__ = ["CIFAR_STATS", "Cifar10DataModule", "Cifar100DataModule", "CifarDataModule"]
 
@@ -17,6 +17,8 @@ CIFAR_STATS: dict[str, tuple[tuple[float, float, float], tuple[float, float, flo
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
+# torchvision's folder under data_dir (CIFAR10.base_folder / CIFAR100.base_folder)
+_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
 
 class CifarDataModule(ImageDataModule):
@@ -61,12 +63,27 @@ class CifarDataModule(ImageDataModule):
         except RuntimeError as err:
             if self.download:
                 raise
+            folder = self.data_dir / _FOLDERS[str(self.name)]
+            state = (
+                f"exists but torchvision could not use it ({err})"
+                if folder.exists()
+                else "does not exist"
+            )
             raise FileNotFoundError(
-                f"{self.name} was not found in data_dir={self.data_dir} and download=False. "
-                "Pass download=True (needs internet access) to fetch it there, or use "
-                "dataset=arrays with data_dir pointing at a folder of x_train.npy, y_train.npy, "
-                f"x_test.npy, y_test.npy (e.g. data_dir=/tmp/{self.name})."
+                f"{self.name} was not found: torchvision looked for {folder} (its "
+                f"{folder.name} folder under data_dir={self.data_dir}), which {state}, and "
+                "download is off. To fetch it there (needs internet access), pass "
+                f"download=True in Python ({type(self).__name__}(data_dir=..., download=True)) "
+                "or dataset.download=true on the command line; or use dataset=arrays with "
+                "dataset.data_dir pointing at a folder of x_train.npy, y_train.npy, x_test.npy, "
+                f"y_test.npy (e.g. dataset.data_dir=/tmp/{self.name})."
             ) from err
+
+    def _compute_fingerprint(self) -> dict[str, Any] | None:
+        folder = self.data_dir / _FOLDERS[str(self.name)]
+        if not folder.is_dir():
+            return None  # not downloaded yet: setup reports it
+        return folder_digest(folder, relative_to=self.data_dir)
 
     def prepare_data(self) -> None:
         if self.download:
