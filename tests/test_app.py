@@ -462,3 +462,224 @@ def test_ddp_run_trains_the_teacher_once_and_both_ranks_agree(tmp_path, cache):
     results = json.loads((out / "results.json").read_text())
     assert results["student"]["val_acc"] is not None
     assert len(list(cache.rglob("*.pt"))) == 1
+
+
+# ---------------------------------------------------------------------- the teacher cache
+# the teacher alone matters here: one student epoch
+ONE_EPOCH = [*TINY, "epochs=1"]
+
+
+def test_teacher_cache_key_covers_the_data_and_the_precision():
+    from lightning_layerkd.app.teacher import teacher_cache_key
+
+    cfg = config(*TINY)
+    key = teacher_cache_key(cfg, {})
+    assert key == teacher_cache_key(config(*TINY), {})  # stable for the same data and config
+    assert key == teacher_cache_key(config(*TINY, "logger=csv", "epochs=3"), {})  # student only
+    assert teacher_cache_key(cfg, {"x_train.npy": {"sha256": "a"}}) != key
+    assert teacher_cache_key(cfg, {"a": 1, "b": 2}) == teacher_cache_key(cfg, {"b": 2, "a": 1})
+    assert teacher_cache_key(config(*TINY, "trainer.precision=64-true"), {}) != key
+    assert teacher_cache_key(config(*TINY, "trainer.precision=bf16-mixed"), {}) != key
+    # Lightning's aliases of one precision are one teacher
+    assert teacher_cache_key(config(*TINY, "trainer.precision=32"), {}) == key
+    with pytest.raises(TypeError, match="JSON"):
+        teacher_cache_key(cfg, {"path": Path("/data")})
+
+
+def test_teacher_cache_tells_arrays_folders_apart_by_their_content(tmp_path, cache):
+    """Two folders of the same shape but other pixels train two teachers (the key holds the
+    datamodule's data_fingerprint()); the same files in another folder reuse the first."""
+    import shutil
+
+    first = write_arrays(tmp_path / "first")
+    other = shutil.copytree(first, tmp_path / "other")
+    for split in ("train", "test"):
+        np.save(other / f"x_{split}.npy", 255 - np.load(first / f"x_{split}.npy"))
+    moved = shutil.copytree(first, tmp_path / "elsewhere" / "first")
+    arrays = [o for o in ONE_EPOCH if "image_size" not in o] + ["dataset=arrays"]
+
+    def teacher(folder: Path) -> dict:
+        cfg = config(*arrays, f"dataset.data_dir={folder}")
+        return run(cfg, tmp_path / "runs" / folder.relative_to(tmp_path))["teacher"]
+
+    assert teacher(first)["cached"] is False
+    assert teacher(other)["cached"] is False
+    assert len(list(cache.rglob("*.pt"))) == 2
+    assert teacher(moved)["cached"] is True
+    assert len(list(cache.rglob("*.pt"))) == 2
+
+
+def _entries(cache: Path) -> list[str]:
+    return sorted(p.name for p in cache.rglob("*") if p.suffix in (".pt", ".json"))
+
+
+def test_a_diverged_teacher_is_an_error_and_never_cached(tmp_path, cache, monkeypatch):
+    from lightning_layerkd.app.teacher import TeacherTrainingError
+
+    fit = pl.Trainer.fit
+
+    def poisoned_fit(self, module, *args, **kwargs):
+        fit(self, module, *args, **kwargs)
+        with torch.no_grad():  # as if the last step had diverged
+            next(module.parameters()).fill_(float("nan"))
+
+    monkeypatch.setattr(pl.Trainer, "fit", poisoned_fit)
+    with pytest.raises(TeacherTrainingError, match=r"non-finite.*lower lr.*check the data"):
+        run(config(*ONE_EPOCH), tmp_path / "a")
+    assert _entries(cache) == []
+
+
+def test_a_teacher_whose_outputs_overflow_is_an_error_and_never_cached(tmp_path, cache):
+    """lr=1e4 blows the teacher's weights up until its logits overflow (validation loss NaN)."""
+    from lightning_layerkd.app.teacher import TeacherTrainingError
+
+    with pytest.raises(TeacherTrainingError, match="lower lr"):
+        run(config(*ONE_EPOCH, "lr=1e4"), tmp_path)
+    assert _entries(cache) == []
+
+
+def test_a_teacher_without_validation_accuracy_is_an_error_and_never_cached(tmp_path, cache):
+    from lightning_layerkd.app.teacher import TeacherTrainingError
+
+    with pytest.raises(TeacherTrainingError, match="no validation accuracy.*limit_val_batches"):
+        run(config(*ONE_EPOCH, "limit_val_batches=0"), tmp_path)
+    assert _entries(cache) == []
+
+
+@pytest.fixture(scope="module")
+def good_teacher_entry(tmp_path_factory) -> dict[str, bytes]:
+    """The files of one cached ONE_EPOCH teacher: {file name: bytes}."""
+    root = tmp_path_factory.mktemp("good-teacher")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LAYERKD_CACHE", str(root / "cache"))
+        run(config(*ONE_EPOCH), root / "run")
+    files = (root / "cache" / "teachers").glob("*")
+    return {p.name: p.read_bytes() for p in files if p.suffix in (".pt", ".json")}
+
+
+def _install(entry: dict[str, bytes], cache: Path) -> tuple[Path, Path]:
+    """Write ``entry`` into ``cache`` where the app looks for it; returns (weights, meta)."""
+    teachers = cache / "teachers"
+    teachers.mkdir(parents=True, exist_ok=True)
+    for name, data in entry.items():
+        (teachers / name).write_bytes(data)
+    (weights,) = teachers.glob("*.pt")
+    return weights, weights.with_suffix(".json")
+
+
+def _nan_weights(path: Path) -> None:
+    state = torch.load(path, weights_only=True)
+    next(v for v in state.values() if v.is_floating_point()).fill_(float("nan"))
+    torch.save(state, path)
+
+
+CORRUPTIONS = {
+    "truncated weights": (".pt", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])),
+    "garbage weights": (".pt", lambda p: p.write_bytes(b"\x00garbage" * 100)),
+    "empty weights": (".pt", lambda p: p.write_bytes(b"")),
+    "not a state dict": (".pt", lambda p: torch.save([1, 2, 3], p)),
+    "non-finite weights": (".pt", _nan_weights),
+    "invalid json": (".json", lambda p: p.write_text('{"key": "resnet18w8-res')),
+    "json without val_acc": (".json", lambda p: p.write_text('{"val_acc": NaN}')),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_a_corrupt_cache_entry_is_moved_aside_and_the_teacher_retrained(
+    corruption, good_teacher_entry, tmp_path, cache, capsys
+):
+    weights, meta = _install(good_teacher_entry, cache)
+    suffix, corrupt = CORRUPTIONS[corruption]
+    bad = weights if suffix == ".pt" else meta
+    corrupt(bad)
+    results = run(config(*ONE_EPOCH), tmp_path / "a")
+    out = capsys.readouterr().out
+    assert results["teacher"]["cached"] is False
+    (aside,) = bad.parent.glob(f"{bad.name}.corrupt-*")
+    assert f"{bad}" in out and aside.name in out and "retraining" in out
+    assert json.loads(meta.read_text())["val_acc"] is not None
+    assert torch.load(weights, weights_only=True).keys()  # a sound entry again
+    assert run(config(*ONE_EPOCH), tmp_path / "b")["teacher"]["cached"] is True
+
+
+def test_the_teacher_lock_holds_the_holders_pid(tmp_path):
+    from lightning_layerkd.app.teacher import _locked
+
+    lock = tmp_path / "t.lock"
+    with _locked(lock, tmp_path / "t.pt"):
+        assert lock.read_text().strip() == str(os.getpid())
+
+
+def test_a_job_waiting_for_the_teacher_says_whom_it_waits_for_then_loads_it(
+    good_teacher_entry, tmp_path, cache, capsys, monkeypatch
+):
+    """Another job (here a thread with PID 4242 in the lock file) trains the teacher; this job
+    waits for the lock, says so once, then loads the teacher that job cached."""
+    import fcntl
+    import threading
+
+    teachers = cache / "teachers"
+    teachers.mkdir()
+    (name,) = [n for n in good_teacher_entry if n.endswith(".pt")]
+    weights = teachers / name
+    handle = open(weights.with_suffix(".lock"), "w")  # noqa: SIM115 - closed by the holder
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    handle.write("4242\n")
+    handle.flush()
+    blocked = threading.Event()
+    flock = fcntl.flock
+
+    def observed_flock(fd, operation):
+        if operation == fcntl.LOCK_EX:  # a blocking request: the job now waits
+            blocked.set()
+        return flock(fd, operation)
+
+    def other_job():
+        blocked.wait(timeout=120)
+        _install(good_teacher_entry, cache)  # its teacher, cached before it lets go
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+    monkeypatch.setattr(fcntl, "flock", observed_flock)
+    holder = threading.Thread(target=other_job)
+    holder.start()
+    try:
+        results = run(config(*ONE_EPOCH), tmp_path)
+    finally:
+        blocked.set()
+        holder.join()
+    out = capsys.readouterr().out
+    message = f"[layerkd] waiting for the teacher being trained by PID 4242 at {weights}"
+    assert out.count(message) == 1
+    assert results["teacher"]["cached"] is True
+    assert out.index(message) < out.index(f"teacher loaded from cache {weights}")
+
+
+def test_leftover_temporary_files_of_a_killed_run_are_removed(
+    good_teacher_entry, tmp_path, cache, capsys
+):
+    weights, _ = _install(good_teacher_entry, cache)
+    leftovers = [weights.with_name(f".{weights.stem}.{s}.99999.tmp") for s in ("pt", "json")]
+    for leftover in leftovers:
+        leftover.write_bytes(b"half")
+    assert run(config(*ONE_EPOCH), tmp_path)["teacher"]["cached"] is True
+    out = capsys.readouterr().out
+    assert not any(p.exists() for p in leftovers)
+    assert all(f"removed {p}, left by a run killed" in out for p in leftovers)
+
+
+def test_atomic_write_leaves_the_old_file_and_no_temporary_one_when_writing_fails(tmp_path):
+    from lightning_layerkd.app.teacher import atomic_write
+
+    target = tmp_path / "results.json"
+    target.write_text("old")
+
+    def fails(path: Path) -> None:
+        path.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, fails)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == [target.name]
+    atomic_write(target, lambda p: p.write_text("new"))
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == [target.name]

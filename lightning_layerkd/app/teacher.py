@@ -1,14 +1,23 @@
 """Stage 1 of ``layerkd-train``: train the teacher alone, or load it from a cache keyed by
-everything that changes it, safely under concurrent sweep jobs."""
+everything that changes it, safely under concurrent sweep jobs and runs killed at any point.
+
+A cache entry is ``<key>.pt`` (the state dict) and ``<key>.json`` (its metadata), each written
+atomically, the ``.json`` last, under the lock ``<key>.lock``, which holds the PID of the job
+that trains the teacher. Only a finite teacher with a validation accuracy is cached; an
+unreadable entry is moved aside to ``<file>.corrupt-<timestamp>`` and the teacher retrained.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
+import math
 import os
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +31,21 @@ from torch import nn
 
 from lightning_layerkd.module import DistillationModule
 
-__all__ = ["EpochHistory", "atomic_write", "build_trainer", "teacher_cache_key", "train_teacher"]
+__all__ = [
+    "EpochHistory",
+    "TeacherTrainingError",
+    "atomic_write",
+    "build_trainer",
+    "check_teacher",
+    "data_fingerprint",
+    "teacher_cache_key",
+    "train_teacher",
+]
+
+
+class TeacherTrainingError(RuntimeError):
+    """The teacher's fit gave a teacher not worth distilling from (nor caching): non-finite
+    weights or outputs, or no validation accuracy."""
 
 
 class EpochHistory(Callback):
@@ -61,47 +84,210 @@ def build_trainer(
     )
 
 
+def _say(message: str) -> None:
+    print(f"[layerkd] {message}", flush=True)
+
+
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive file lock, so concurrent sweep jobs never train the same teacher twice."""
+def _locked(path: Path, weights: Path) -> Iterator[None]:
+    """An exclusive file lock, so concurrent sweep jobs never train the same teacher twice.
+
+    The holder writes its PID into the lock file; a job that finds the lock taken says once
+    whom it waits for (the teacher at ``weights``), then waits. The kernel releases the lock
+    of a killed job; its stale PID is overwritten by the next holder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with open(path, "a+") as handle:  # "a+": opening never truncates the holder's PID
         try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            who = f"PID {holder}" if holder.isdigit() else "another job (PID not written yet)"
+            _say(f"waiting for the teacher being trained by {who} at {weights}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            handle.truncate(0)
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
             yield
         finally:
+            handle.truncate(0)
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write`` to a temporary file, then rename: readers see the old file or the new one."""
+    """``write`` to a temporary file, flush it to disk, then rename: readers (and a run after a
+    crash) see the old file or the complete new one, never a part; a failed ``write`` leaves
+    nothing behind."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    with contextlib.suppress(OSError):  # the rename's durability; not every file system can
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
-def teacher_cache_key(cfg: DictConfig) -> str:
-    """Key of the teacher cache: dataset, architecture, epochs, seed and optimisation settings."""
+# ---------------------------------------------------------------------- the cache key
+#: Lightning's shorthands of a precision, by the name it resolves them to.
+_PRECISION_ALIASES = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+
+
+def data_fingerprint(datamodule: Any) -> dict[str, Any]:
+    """The datamodule's ``data_fingerprint()`` (an identity of its data on disk; ``{}`` for
+    bundled data), checked to be a JSON-serialisable dict."""
+    method = getattr(datamodule, "data_fingerprint", None)
+    name = type(datamodule).__name__
+    if method is None:
+        _say(
+            f"{name} has no data_fingerprint(): the teacher cache tells its data apart by the "
+            "dataset config only; give it a data_fingerprint() returning the data's identity"
+        )
+        return {}
+    fingerprint = method()
+    if not isinstance(fingerprint, dict):
+        raise TypeError(
+            f"{name}.data_fingerprint() returned {type(fingerprint).__name__}; expected a "
+            "JSON-serialisable dict identifying the data"
+        )
+    return fingerprint
+
+
+def teacher_cache_key(cfg: DictConfig, data: Mapping[str, Any]) -> str:
+    """Key of the teacher cache: the data (``data``, the datamodule's :func:`data_fingerprint`,
+    and the dataset config but its path and workers), the architecture, epochs, seed,
+    optimisation settings and the trainer's precision. The same data in another folder gives
+    the same key."""
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     assert isinstance(dataset, dict)
     for volatile in ("num_workers", "data_dir"):
         dataset.pop(volatile, None)
+    precision = str(cfg.trainer.get("precision") or "32-true")
     payload = {
         "dataset": dataset,
+        "data": dict(data),
         "teacher": OmegaConf.to_container(cfg.model.teacher, resolve=True),
         "epochs": cfg.teacher_epochs,
         "seed": cfg.seed,
         "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
         "scheduler": OmegaConf.to_container(cfg.teacher_scheduler, resolve=True),
         "limit_train_batches": cfg.limit_train_batches,
+        "precision": _PRECISION_ALIASES.get(precision, precision),
     }
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    try:
+        text = json.dumps(payload, sort_keys=True)
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"the teacher cache key needs JSON-serialisable data: {err}; make the "
+            "datamodule's data_fingerprint() return plain dicts, lists, strings and numbers"
+        ) from err
+    digest = hashlib.sha256(text.encode()).hexdigest()
     return f"{cfg.model.get('name', 'teacher')}-{digest[:16]}"
 
 
-def load_teacher(teacher: nn.Module, path: Path) -> None:
-    """Load a cached teacher's weights (``weights_only``); a mismatch is a clear error."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+# ---------------------------------------------------------------------- checks
+def _nonfinite(tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, int]:
+    """{name: number of non-finite values} of the tensors that have any."""
+    counts = {
+        name: int((~torch.isfinite(t.detach())).sum())
+        for name, t in tensors
+        if t.is_floating_point() or t.is_complex()
+    }
+    return {name: n for name, n in counts.items() if n}
+
+
+def _new_nonfinite(found: dict[str, int], built: Mapping[str, int]) -> dict[str, int]:
+    """``found`` less what the freshly built teacher already had (a buffer of ``-inf`` masks)."""
+    return {name: n for name, n in found.items() if n > built.get(name, 0)}
+
+
+def _describe(bad: dict[str, int]) -> str:
+    first = ", ".join(list(bad)[:3]) + (", ..." if len(bad) > 3 else "")
+    tensors = "1 tensor" if len(bad) == 1 else f"{len(bad)} tensors"
+    return f"{sum(bad.values()):,} non-finite values in {tensors} ({first})"
+
+
+def check_teacher(
+    teacher: nn.Module, history: EpochHistory, cfg: DictConfig, built: Mapping[str, int]
+) -> None:
+    """Raise :class:`TeacherTrainingError` unless the trained teacher's parameters and buffers
+    are finite (beyond the non-finite values ``built`` it had when built) and its last epoch
+    has a finite validation accuracy and loss."""
+    tensors = itertools.chain(teacher.named_parameters(), teacher.named_buffers())
+    bad = _new_nonfinite(_nonfinite(tensors), built)
+    acc, loss = history.last("val/acc"), history.last("val/loss")
+    fix = (
+        f"lower lr (now {cfg.optimizer.get('lr')}) or check the data "
+        "(non-finite inputs, labels outside 0..num_classes-1)"
+    )
+    if bad:
+        problem = f"has {_describe(bad)}: its training diverged; {fix}"
+    elif acc is None:
+        problem = (
+            "has no validation accuracy: no validation epoch ran; check limit_val_batches "
+            f"(now {cfg.limit_val_batches}) and that the dataset has a validation split"
+        )
+    elif not math.isfinite(acc) or (loss is not None and not math.isfinite(loss)):
+        problem = (
+            f"has a validation accuracy of {acc} and loss of {loss}: its outputs are not "
+            f"finite, its training diverged; {fix}"
+        )
+    else:
+        return
+    epochs = f"{cfg.teacher_epochs} epoch" + ("" if int(cfg.teacher_epochs) == 1 else "s")
+    raise TeacherTrainingError(f"the teacher trained for {epochs} {problem}. Nothing was cached.")
+
+
+# ---------------------------------------------------------------------- the cache entry
+class _Unusable(Exception):
+    """A cache file that cannot be used; the message says why."""
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a cached teacher (``weights_only``), or :class:`_Unusable`."""
+    if path.stat().st_size == 0:
+        raise _Unusable("an empty file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # the file is there but cannot be read: not something to move aside
+    except Exception as err:  # noqa: BLE001 - any other failure means a damaged file
+        detail = str(err).strip().split(". ")[0].splitlines()[0] if str(err).strip() else ""
+        raise _Unusable(
+            f"not a readable PyTorch state dict, truncated or damaged: {type(err).__name__}"
+            + (f": {detail}" if detail else "")
+        ) from err
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise _Unusable(f"it holds a {type(state).__name__}, not a state dict of tensors")
+    return dict(state)
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """The metadata of a cached teacher, or :class:`_Unusable`."""
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise _Unusable(f"invalid JSON: {err}") from err
+    if not isinstance(meta, dict):
+        raise _Unusable(f"it holds a JSON {type(meta).__name__}, not an object")
+    acc = meta.get("val_acc")
+    if not isinstance(acc, (int, float)) or not math.isfinite(acc):
+        raise _Unusable(f"it records no finite validation accuracy (val_acc={acc})")
+    return meta
+
+
+def load_teacher(teacher: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load the state dict read from ``path``; a mismatch is a clear error."""
     try:
         teacher.load_state_dict(state)
     except RuntimeError as err:
@@ -111,21 +297,75 @@ def load_teacher(teacher: nn.Module, path: Path) -> None:
         ) from err
 
 
+def _move_aside(path: Path, problem: str) -> None:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    for n in itertools.count(1):
+        if not target.exists():
+            break
+        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+    os.replace(path, target)
+    _say(
+        f"the cached teacher file {path} is unusable ({problem}); moved it aside to "
+        f"{target.name} and retraining the teacher"
+    )
+
+
+def _cached(
+    teacher: nn.Module, weights: Path, meta_path: Path, built: Mapping[str, int], owner: bool
+) -> dict[str, Any] | None:
+    """Load the cache entry into ``teacher`` and return its metadata, or ``None`` when there is
+    none to use: missing, half-written or damaged (moved aside when ``owner``, the lock's
+    holder). A sound state dict that does not fit ``teacher`` is a ``ValueError``."""
+    if not weights.exists() and not meta_path.exists():
+        return None
+    if not (weights.exists() and meta_path.exists()):
+        found, missing = (weights, meta_path) if weights.exists() else (meta_path, weights)
+        _say(f"found {found} without {missing.name} (a run stopped while caching it); retraining")
+        return None
+    current = meta_path
+    try:
+        meta = _read_meta(meta_path)
+        current = weights
+        state = _read_state(weights)
+        bad = _new_nonfinite(_nonfinite(state.items()), built)
+        if bad:
+            raise _Unusable(f"it holds {_describe(bad)}")
+    except _Unusable as err:
+        if owner:
+            _move_aside(current, str(err))
+        else:
+            _say(f"the cached teacher file {current} is unusable ({err}); retraining")
+        return None
+    load_teacher(teacher, state, weights)
+    return meta
+
+
+def _remove_leftovers(cache_dir: Path, key: str) -> None:
+    """Temporary files of this entry (held under its lock) come from a killed run."""
+    for stale in sorted(cache_dir.glob(f".{key}.*.tmp")):
+        stale.unlink(missing_ok=True)
+        _say(f"removed {stale}, left by a run killed while caching its teacher")
+
+
 def train_teacher(cfg: DictConfig, datamodule: Any, teacher: nn.Module, root: Path) -> dict:
     """Stage 1: train the teacher alone (``cfg.optimizer``, ``cfg.teacher_scheduler``), or load
     it from the cache."""
     cache_dir = Path(cfg.teacher_cache_dir)
-    key = teacher_cache_key(cfg)
+    key = teacher_cache_key(cfg, data_fingerprint(datamodule))
     weights, meta_path = cache_dir / f"{key}.pt", cache_dir / f"{key}.json"
+    built = _nonfinite(teacher.named_buffers())
     # Under strategy=ddp Lightning re-runs this script for the other ranks while rank 0 trains
     # inside the lock; they join that fit, so only rank 0 locks and writes the cache.
     rank: int = getattr(rank_zero_only, "rank", 0)
-    with _locked(cache_dir / f"{key}.lock") if rank == 0 else contextlib.nullcontext():
-        if weights.exists() and meta_path.exists():
-            load_teacher(teacher, weights)
-            meta = json.loads(meta_path.read_text())
+    lock = _locked(cache_dir / f"{key}.lock", weights) if rank == 0 else contextlib.nullcontext()
+    with lock:
+        if rank == 0:
+            _remove_leftovers(cache_dir, key)
+        meta = _cached(teacher, weights, meta_path, built, owner=rank == 0)
+        if meta is not None:
             meta["cached"] = True
-            print(f"[layerkd] teacher loaded from cache {weights}")
+            _say(f"teacher loaded from cache {weights}")
             return meta
         pl.seed_everything(cfg.seed, workers=True)
         module = DistillationModule(
@@ -140,6 +380,7 @@ def train_teacher(cfg: DictConfig, datamodule: Any, teacher: nn.Module, root: Pa
         history = EpochHistory()
         trainer = build_trainer(cfg, cfg.teacher_epochs, root / "teacher", [history], False)
         trainer.fit(module, datamodule=datamodule)
+        check_teacher(teacher, history, cfg, built)
         meta = {
             "key": key,
             "val_acc": history.last(),
