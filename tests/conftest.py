@@ -124,3 +124,24 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- the app's teacher caches
+@pytest.fixture()
+def cache(tmp_path_factory, monkeypatch) -> Path:
+    """A fresh, empty teacher cache."""
+    path = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("LAYERKD_CACHE", str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def shared_cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("shared-cache")
+
+
+@pytest.fixture()
+def shared_cache(shared_cache_dir, monkeypatch) -> Path:
+    """A teacher cache shared by the runs of one test module: the teacher is trained once."""
+    monkeypatch.setenv("LAYERKD_CACHE", str(shared_cache_dir))
+    return shared_cache_dir

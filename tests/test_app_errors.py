@@ -19,24 +19,6 @@ from lightning_layerkd.app.train import ConfigError, run
 from lightning_layerkd.guards import NonFiniteLossError
 
 
-@pytest.fixture()
-def cache(tmp_path_factory, monkeypatch) -> Path:
-    path = tmp_path_factory.mktemp("cache")
-    monkeypatch.setenv("LAYERKD_CACHE", str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def shared_cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("shared-cache")
-
-
-@pytest.fixture()
-def shared_cache(shared_cache_dir, monkeypatch) -> Path:
-    monkeypatch.setenv("LAYERKD_CACHE", str(shared_cache_dir))
-    return shared_cache_dir
-
-
 @pytest.mark.parametrize(
     ("override", "message"),
     [
