@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import netrc
 import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_layerkd.divergence import js_divergence
+from lightning_layerkd.maps import to_distribution
 from lightning_layerkd.methods import MapMethod
+
+from .map_images import figure_to_rgb, grid_shape, sample_maps_figure, weight_maps_figure
 
 __all__ = ["LayerPanels", "MapImageLogger", "finish", "has_credentials", "make_wandb_logger"]
 
@@ -48,7 +56,7 @@ def make_wandb_logger(
             f"[layerkd] wandb is offline (no credentials or WANDB_MODE={mode}); runs are saved "
             f"under {runs}; upload them later with `wandb sync {runs}/offline-run-*`"
         )
-    return WandbLogger(
+    logger = WandbLogger(
         project=project,
         entity=entity,
         group=group,
@@ -56,8 +64,23 @@ def make_wandb_logger(
         save_dir=str(save_dir),
         job_type=name,
         config=None,
-        reinit=True,
+        reinit=_reinit(),
     )
+    # Lightning always passes anonymous=None, which recent wandb (0.31) warns is a setting
+    # that "has no effect and will be removed"; left out, wandb keeps its own default.
+    init = getattr(logger, "_wandb_init", None)
+    if isinstance(init, dict) and "anonymous" in init and init["anonymous"] is None:
+        del init["anonymous"]
+    return logger
+
+
+def _reinit() -> bool | str:
+    """``"finish_previous"``, what ``reinit=True`` means, where wandb knows it (0.19.10 on;
+    recent versions deprecate booleans); ``True`` for older wandb, which takes only booleans."""
+    import wandb
+
+    version = tuple(int(part) for part in re.findall(r"\d+", wandb.__version__)[:3])
+    return "finish_previous" if version >= (0, 19, 10) else True
 
 
 def _job_name(default: str) -> str:
@@ -117,9 +140,13 @@ class LayerPanels(Callback):
 
 
 class MapImageLogger(Callback):
-    """Logs teacher vs student maps of a fixed validation batch as images every few epochs;
-    a method without layer maps (not a :class:`~lightning_layerkd.methods.MapMethod`) logs
-    none, with one message."""
+    """Logs teacher vs student maps of a fixed validation batch every few epochs, one figure
+    per crucial layer under ``maps/<layer>`` (:mod:`~lightning_layerkd.app.map_images`).
+
+    Per-sample maps are shown as the distributions the JSD compares, times the support size
+    (1 = uniform mass), on the pooled grid of :func:`~lightning_layerkd.maps.match_maps`; weight
+    maps as per-channel energies in compared order. A method without layer maps (not a
+    :class:`~lightning_layerkd.methods.MapMethod`) logs none, with one message."""
 
     def __init__(self, every_n_epochs: int = 5, num_samples: int = 4) -> None:
         if every_n_epochs < 1:
@@ -157,23 +184,106 @@ class MapImageLogger(Callback):
         loggers = _wandb_loggers(trainer)
         if trainer.sanity_checking or not loggers or self._batch is None or not self.enabled:
             return
-        if (trainer.current_epoch + 1) % self.every_n_epochs:
+        if (trainer.current_epoch + 1) % self.every_n_epochs or not trainer.is_global_zero:
             return
         x, y = (t.to(pl_module.device) for t in self._batch)
-        with torch.inference_mode(False):
+        with torch.inference_mode(False), _pooled_sizes(pl_module) as sizes:
             _, maps = pl_module.layer_maps(x.clone(), y.clone(), create_graph=False)
+        aspect = x.shape[-2] / x.shape[-1] if x.dim() == 4 else 1.0
         for name, (student, teacher) in maps.items():
-            images, captions = [], []
-            for i in range(student.shape[0]):
-                side = _side(student[i].numel())
-                for role, m in (("teacher", teacher[i]), ("student", student[i])):
-                    grid = m.detach().float().reshape(-1)[: side * side].reshape(side, side)
-                    images.append((grid / grid.max().clamp_min(1e-12)).cpu().numpy())
-                    captions.append(f"{role} {i}")
+            title = f"{name}: {getattr(pl_module.method, 'name', 'layer')} maps, "
+            title += f"epoch {trainer.current_epoch}"
+            k = student.shape[1]
+            grid = sizes.get(name)
+            grid = grid if grid and grid[0] * grid[1] == k else grid_shape(k, aspect)
+            image, caption = _layer_image(pl_module.method, student, teacher, title, grid)
             for logger in loggers:
-                logger.log_image(key=f"maps/{name}", images=images, caption=captions)
+                logger.log_image(key=f"maps/{name}", images=[image], caption=[caption])
 
 
-def _side(n: int) -> int:
-    side = int(n**0.5)
-    return max(side, 1)
+def _layer_image(
+    method: Any, student: torch.Tensor, teacher: torch.Tensor, title: str, grid: tuple[int, int]
+) -> tuple[np.ndarray, str]:
+    """One layer's figure and caption: a weight-map chart or per-sample maps on ``grid``."""
+    if getattr(method, "wrt", "activation") == "weight":
+        alignment = getattr(method, "weight_alignment", "sorted")
+        caption = f"{title}; per-channel energies, teacher vs student ({alignment})"
+        return _weight_image(student, teacher, title, alignment), caption
+    caption = f"{title}; rows: samples, teacher | student, one colour scale per row"
+    return _sample_image(student, teacher, title, grid), caption
+
+
+@contextmanager
+def _pooled_sizes(pl_module: Any) -> Iterator[dict[str, tuple[int, int]]]:
+    """Records the crucial layers' output sizes during the forward passes inside; on exit,
+    fills in per layer the grid :func:`~lightning_layerkd.maps.match_maps` pools both maps
+    to (the smaller height and the smaller width)."""
+    pairs: list[tuple[str, str]] = getattr(pl_module, "layer_pairs", None) or []
+    seen: dict[tuple[int, str], tuple[int, int]] = {}
+    handles = []
+    for side, model in enumerate((pl_module.student, getattr(pl_module, "teacher", None))):
+        for path in {pair[side] for pair in pairs} if model is not None else ():
+            try:
+                module = model.get_submodule(path)
+            except AttributeError:
+                continue
+            handles.append(module.register_forward_hook(_size_hook(seen, (side, path))))
+    sizes: dict[str, tuple[int, int]] = {}
+    try:
+        yield sizes
+    finally:
+        for handle in handles:
+            handle.remove()
+    for s, t in pairs:
+        if (0, s) in seen and (1, t) in seen:
+            (hs, ws), (ht, wt) = seen[(0, s)], seen[(1, t)]
+            sizes[s] = (min(hs, ht), min(ws, wt))
+
+
+def _size_hook(
+    seen: dict[tuple[int, str], tuple[int, int]], key: tuple[int, str]
+) -> Callable[..., None]:
+    def hook(module: torch.nn.Module, args: object, output: object) -> None:
+        if isinstance(output, torch.Tensor) and output.dim() == 4:
+            seen.setdefault(key, (int(output.shape[-2]), int(output.shape[-1])))
+
+    return hook
+
+
+def _relative_mass(m: torch.Tensor) -> np.ndarray:
+    """Maps as the distributions the JSD compares, times their support size (1 = uniform)."""
+    p = to_distribution(m.detach().float())
+    return (p * p.shape[1]).cpu().numpy()
+
+
+def _sample_image(
+    student: torch.Tensor, teacher: torch.Tensor, title: str, grid: tuple[int, int]
+) -> np.ndarray:
+    """Per-sample ``(B, K)`` maps drawn on their ``grid``, a row per sample with its JSD."""
+    jsd = js_divergence(to_distribution(student.detach()), to_distribution(teacher.detach()))
+    labels = [f"sample {i}\nJSD {float(d):.3g}" for i, d in enumerate(jsd)]
+    shape = (student.shape[0], *grid)
+    figure = sample_maps_figure(
+        _relative_mass(teacher).reshape(shape),
+        _relative_mass(student).reshape(shape),
+        title=title,
+        row_labels=labels,
+        colorbar_label="mass x K (1 = uniform)",
+    )
+    return figure_to_rgb(figure)
+
+
+def _weight_image(
+    student: torch.Tensor, teacher: torch.Tensor, title: str, alignment: str
+) -> np.ndarray:
+    """``(1, K)`` weight maps as a bar chart of teacher vs student energies."""
+    jsd = float(js_divergence(to_distribution(student.detach()), to_distribution(teacher.detach())))
+    order = "sorted by energy" if alignment == "sorted" else "channel by channel"
+    figure = weight_maps_figure(
+        _relative_mass(teacher)[0],
+        _relative_mass(student)[0],
+        title=f"{title}, JSD {jsd:.3g}",
+        xlabel=f"output channel ({order})",
+        ylabel="energy share x K (1 = uniform)",
+    )
+    return figure_to_rgb(figure)
