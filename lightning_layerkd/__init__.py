@@ -6,7 +6,7 @@ Layer-wise Learning Rates": per-crucial-layer attention, Jacobian and Hessian ma
 """
 
 from lightning_layerkd.callbacks import LayerwiseLRCallback
-from lightning_layerkd.layers import find_crucial_layers
+from lightning_layerkd.discovery import find_crucial_layers
 from lightning_layerkd.module import DistillationModule
 
 __all__ = ["DistillationModule", "LayerwiseLRCallback", "find_crucial_layers"]

@@ -15,20 +15,25 @@ from typing import Any, Literal
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
 
+from lightning_layerkd.discovery import eval_mode
 from lightning_layerkd.hooks import FeatureHooks, ProbeKind
-from lightning_layerkd.layers import conversion_conv, eval_mode, resolve_module
+from lightning_layerkd.layers import conversion_conv, resolve_module
 from lightning_layerkd.lean_autograd import LeanAutograd
 from lightning_layerkd.maps import (
     WRTS,
     Task,
     Wrt,
     attention_map,
+    channel_sum,
     default_target,
     score,
     score_curvature,
+    token_layout,
 )
 
 __all__ = [
@@ -43,6 +48,52 @@ __all__ = [
 
 MapKind = Literal["attention", "jacobian", "hessian"]
 MAP_KINDS: tuple[str, ...] = ("attention", "jacobian", "hessian")
+
+
+class ComposedAttention(TorchFunctionMode):
+    """``F.scaled_dot_product_attention`` as ``softmax(q k^T * scale + mask) v`` in ordinary ops.
+
+    The fused kernels (flash, memory-efficient, and PyTorch's own math kernel under forward
+    mode, which writes into a saved tensor) have no forward-mode AD or no backward of it, which
+    Hessian maps of a transformer need; the composed form computes the same attention with
+    every derivative. Active only inside the map passes."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        return _composed_attention(*args, **kwargs)
+
+
+def _composed_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        repeat = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
+    scores = query @ key.transpose(-2, -1) * (scale or query.shape[-1] ** -0.5)
+    length, source = query.shape[-2], key.shape[-2]
+    if is_causal:
+        causal = torch.ones(length, source, dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    # softmax written out: its forward-mode formula divides the saved exp in place
+    exp = (scores - scores.detach().amax(dim=-1, keepdim=True)).exp()
+    weights = exp / exp.sum(dim=-1, keepdim=True)
+    if dropout_p > 0:
+        weights = F.dropout(weights, dropout_p)
+    return weights @ value
 
 
 @contextmanager
@@ -119,7 +170,12 @@ def compute_maps(
     if method == "attention":
         with torch.no_grad() if not create_graph else nullcontext(), hooks.record() as recording:
             logits = model(x)
-            maps = [attention_map(f) for f in hooks.outputs(recording)]
+            features = hooks.outputs(recording)
+            layout = token_layout(model)
+            maps = [
+                attention_map(f, layer=p, layout=layout)
+                for f, p in zip(features, hooks.paths, strict=True)
+            ]
         return logits, maps
 
     weights: list[Tensor] = (
@@ -136,7 +192,7 @@ def compute_maps(
     precision = (
         torch.autocast(x.device.type, enabled=False) if method == "hessian" else nullcontext()
     )
-    with torch.enable_grad(), _requires_grad(weights), precision:
+    with torch.enable_grad(), _requires_grad(weights), precision, ComposedAttention():
         logits, diagonals = _derivative_pass(
             model, x, hooks, method, probe, weights, target, task, create_graph, generator
         )
@@ -159,9 +215,9 @@ def compute_maps(
             diagonals = [d / num_probes for d in diagonals]
 
     maps = []
-    for d in diagonals:
+    for d, path in zip(diagonals, hooks.paths, strict=True):
         m = d.square() if method == "jacobian" else d.abs()
-        maps.append(m if wrt == "weight" else m.sum(dim=1))
+        maps.append(m if wrt == "weight" else channel_sum(m, path, token_layout(model)))
     return logits, maps
 
 

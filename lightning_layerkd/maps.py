@@ -8,6 +8,7 @@ networks' maps onto one support. The derivative maps themselves (eqs. 4 and 6) a
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -23,6 +24,9 @@ __all__ = [
     "Wrt",
     "at_least_float32",
     "attention_map",
+    "channel_sum",
+    "feature_grid",
+    "token_layout",
     "default_target",
     "match_maps",
     "score",
@@ -38,21 +42,67 @@ TASKS: tuple[str, ...] = ("multiclass", "multilabel")
 WEIGHT_ALIGNMENTS: tuple[str, ...] = ("sorted", "index")
 
 
-def attention_map(features: Tensor, p: float = 2.0) -> Tensor:
+def token_layout(model: object) -> tuple[int, int, int] | None:
+    """``(prefix_tokens, H, W)`` of a timm-style vision transformer (``num_prefix_tokens`` and
+    ``patch_embed.grid_size``), or ``None`` for other models."""
+    prefix = getattr(model, "num_prefix_tokens", None)
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if isinstance(prefix, int) and isinstance(grid, (tuple, list)) and len(grid) == 2:
+        return prefix, int(grid[0]), int(grid[1])
+    return None
+
+
+def feature_grid(
+    features: Tensor, layer: str = "", layout: tuple[int, int, int] | None = None
+) -> Tensor:
+    """Features as ``(B, C, H, W)``: CNN features as they are; transformer tokens ``(B, N, C)``
+    on their patch grid with the leading class/register tokens dropped: by the model's
+    ``layout`` (:func:`token_layout`) when it fits ``N``, else ``N = P + S * S`` with
+    ``S = floor(sqrt(N))`` and ``P <= 16``. Anything else is an error naming ``layer``: a map
+    never silently sums a layer's features into one number per sample."""
+    if features.dim() == 4:
+        return features
+    if features.dim() == 3:
+        batch, tokens, channels = features.shape
+        side = math.isqrt(tokens)
+        prefix, height, width = tokens - side * side, side, side
+        if layout is not None and layout[0] + layout[1] * layout[2] == tokens:
+            prefix, height, width = layout
+        if height >= 2 and width >= 2 and prefix <= 16:
+            grid = features[:, prefix:, :].transpose(1, 2)
+            return grid.reshape(batch, channels, height, width)
+        raise ValueError(
+            f"layer '{layer}' outputs {tuple(features.shape)}: read as (B, N, C) tokens, "
+            f"N={tokens} is not a patch grid plus at most 16 class/register tokens; use a square "
+            "input (H = W) or a layer with (B, C, H, W) features"
+        )
+    raise ValueError(
+        f"layer '{layer}' outputs {tuple(features.shape)}; maps need (B, C, H, W) features or "
+        "(B, N, C) transformer tokens on a patch grid"
+    )
+
+
+def attention_map(
+    features: Tensor, p: float = 2.0, layer: str = "", layout: tuple[int, int, int] | None = None
+) -> Tensor:
     """Activation-based attention ``a(F) = sum_c |F_c|^p`` (eq. 2; Zagoruyko & Komodakis 2017).
 
     Args:
-        features: ``(B, C, H, W)`` feature maps.
+        features: ``(B, C, H, W)`` feature maps, or ``(B, N, C)`` tokens (:func:`feature_grid`).
         p: the exponent (2 in the paper).
+        layer: the layer's name, for errors.
+        layout: a transformer's token layout (:func:`token_layout`).
 
     Returns:
         ``(B, H, W)`` non-negative maps, in float32.
     """
-    if features.dim() != 4:
-        raise ValueError(
-            f"attention_map needs (B, C, H, W) features, got shape {tuple(features.shape)}"
-        )
-    return features.float().abs().pow(p).sum(dim=1)
+    return feature_grid(features, layer, layout).float().abs().pow(p).sum(dim=1)
+
+
+def channel_sum(m: Tensor, layer: str = "", layout: tuple[int, int, int] | None = None) -> Tensor:
+    """``sum_c m_c`` per pixel of a per-feature map shaped like the features (a squared or
+    probed derivative, eqs. 4 and 6): ``(B, H, W)``, tokens on their patch grid."""
+    return feature_grid(m, layer, layout).sum(dim=1)
 
 
 def to_distribution(m: Tensor, eps: float = 1e-8) -> Tensor:

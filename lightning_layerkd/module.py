@@ -16,15 +16,14 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_layerkd.batches import first_batch, split_batch
+from lightning_layerkd.discovery import format_candidates, trace_feature_maps
 from lightning_layerkd.guards import check_finite_loss, check_not_compiled, check_trainable
 from lightning_layerkd.hooks import CrucialLayerError, FeatureHooks
 from lightning_layerkd.layers import (
     LayerSpec,
     check_layer_pairs,
-    format_candidates,
     normalise_layers,
     resolve_module,
-    trace_feature_maps,
 )
 from lightning_layerkd.maps import TASKS, Task
 from lightning_layerkd.methods import DistillationMethod, MapMethod, MethodOutput, Networks

@@ -5,14 +5,13 @@ import torch
 import torchvision
 from torch import nn
 
-from lightning_layerkd.layers import (
+from lightning_layerkd.discovery import (
     LayerInfo,
-    conversion_conv,
     find_crucial_layers,
     format_candidates,
-    resolve_module,
     trace_feature_maps,
 )
+from lightning_layerkd.layers import conversion_conv, resolve_module
 from lightning_layerkd.models import resnet
 
 LAYERS = [("layer1", "layer1"), ("layer2", "layer2"), ("layer3", "layer3"), ("layer4", "layer4")]
@@ -54,7 +53,10 @@ def test_trace_records(x: torch.Tensor) -> None:
     assert [info.order for info in infos] == sorted(info.order for info in infos)
     assert "fc" not in by_path  # 2-D output
     assert by_path["avgpool"].shape == (2, 64, 1, 1)
-    assert by_path["conv1"] == LayerInfo("conv1", (2, 8, 32, 32), 1, 0, True, True, True)
+    assert by_path["conv1"] == LayerInfo("conv1", (2, 8, 32, 32), 1, 0, True, True, True, 0, 1)
+    assert by_path["layer1"].num_convs == 4 and not by_path["layer1"].modified_in_place
+    # a module finishes after its children; the trace runs on two samples at most
+    assert by_path["layer1.0"].finish < by_path["layer1"].finish < by_path["layer2"].finish
     relu = by_path["relu"]
     assert (relu.has_params, relu.is_leaf, relu.has_conv) == (False, True, False)
     layer2 = by_path["layer2"]

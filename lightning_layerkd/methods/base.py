@@ -23,9 +23,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from lightning_layerkd.discovery import find_crucial_layers
 from lightning_layerkd.divergence import logit_distillation_loss
 from lightning_layerkd.hooks import FeatureHooks
-from lightning_layerkd.layers import find_crucial_layers
 from lightning_layerkd.maps import Task
 
 __all__ = [

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_layerkd.derivatives import MapKind, compute_maps, constant_map_layers
@@ -69,6 +70,7 @@ class MapMethod(DistillationMethod):
         check_choice("map_target", map_target, ("label", "teacher"))
         self.map_weight = float(map_weight)
         self.map_target = map_target
+        self._zero_maps_checked = False
 
     def _map_options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`~lightning_layerkd.derivatives.compute_maps`."""
@@ -110,10 +112,29 @@ class MapMethod(DistillationMethod):
             num_probes=self._student_probes(),
             **options,
         )
+        if not self._zero_maps_checked:  # once: one host sync on the first batch
+            self._zero_maps_checked = True
+            for role, hooks, found in (
+                ("student", nets.student_hooks, student_maps),
+                ("teacher", nets.teacher_hooks, teacher_maps),
+            ):
+                for path, m in zip(hooks.paths, found, strict=True):
+                    if not bool(m.detach().any()):
+                        rank_zero_warn(self._zero_map_message(role, path))
         align = self._weight_alignment()
         pairs = zip(nets.layer_names, student_maps, teacher_maps, strict=True)
         maps = {name: match_maps(s, t.detach(), align) for name, s, t in pairs}
         return logits, teacher_logits.detach(), maps
+
+    def _zero_map_message(self, role: str, path: str) -> str:
+        return (
+            f"the {self.name} map of {role} '{path}' is all zeros on the first batch, so the "
+            "layer's divergence is 0 (no signal) until it changes. A common cause: the layer "
+            "sits in a residual block whose last batch norm is initialised to zero (timm's "
+            "zero_init_last, torchvision's zero_init_residual), so the block starts as the "
+            "identity and its weights get no gradient; initialise that norm's weight to "
+            "non-zero, use maps w.r.t. the activation, or choose another layer"
+        )
 
     def compute(self, nets: Networks, x: Tensor, y: Tensor, *, create_graph: bool) -> MethodOutput:
         """Per layer, the per-sample JSD between the maps (eqs. 8-10). A weight map gives one
