@@ -4,7 +4,7 @@ through per-crucial-layer map losses (Kokane et al. 2024, eqs. 2, 4 and 6)."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import nullcontext
 from functools import partial
 from typing import Any, Literal
@@ -35,7 +35,7 @@ __all__ = ["BASE_GROUP", "DistillationModule", "LayerSpec"]
 #: Name of the optimizer param group that holds every non-crucial student parameter.
 BASE_GROUP = "base"
 
-OptimizerFactory = Callable[[Iterable[dict[str, Any]]], Optimizer]
+OptimizerFactory = Callable[..., Optimizer]
 SchedulerFactory = Callable[[Optimizer], Any]
 
 _DEFAULT_OPTIMIZER: OptimizerFactory = partial(
@@ -130,6 +130,8 @@ class DistillationModule(LightningModule):
         self.optimizer_factory = optimizer or _DEFAULT_OPTIMIZER
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
+        #: the base learning rate of every group if set, else the optimizer factory's own
+        self.learning_rate: float | None = None
 
         self.layer_pairs: list[tuple[str, str]] | None = None
         if not self.method.uses_layers:
@@ -347,7 +349,9 @@ class DistillationModule(LightningModule):
             self.log(f"val/{self.divergence_name}/{name}", metric, batch_size=batch_size)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.param_groups())
+        # ``learning_rate`` (set by ``Tuner.lr_find(update_attr=True)``) overrides the factory's
+        overrides = {} if self.learning_rate is None else {"lr": self.learning_rate}
+        optimizer = self.optimizer_factory(self.param_groups(), **overrides)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)

@@ -558,3 +558,18 @@ def test_predict_step_uses_an_unpack_batch_override(tmp_path):
     data = DataLoader([{"image": xi, "label": yi} for xi, yi in zip(x, y, strict=True)], 3)
     logits = torch.cat(trainer(tmp_path).predict(module, data))
     torch.testing.assert_close(logits, student.eval()(x))
+
+
+def test_lr_find_sets_the_learning_rate_of_every_group(tmp_path):
+    """``Tuner.lr_find(update_attr=True)`` finds ``learning_rate`` on the module and the next
+    optimizer uses it for every param group, over the optimizer factory's own ``lr``."""
+    from lightning.pytorch.tuner import Tuner
+
+    teacher, student = pair()
+    module = DistillationModule(teacher, student, num_classes=5, layers=PAIRS[:2])
+    fit = trainer(tmp_path, max_epochs=1)
+    data = loader(n=96, batch_size=4)
+    result = Tuner(fit).lr_find(module, data, num_training=20, early_stop_threshold=None)
+    assert result is not None and module.learning_rate == result.suggestion() is not None
+    optimizer = module.configure_optimizers()  # no scheduler: the optimizer itself
+    assert {g["lr"] for g in optimizer.param_groups} == {module.learning_rate}
