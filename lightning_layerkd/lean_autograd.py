@@ -2,7 +2,9 @@
 
 :class:`LeanAutograd` is a ``TorchFunctionMode`` that, inside a map pass, replaces PyTorch's
 forward-mode rules for convolution and batch norm with cheaper ones and records convolutions
-whose double backward runs native kernels (:func:`native_convolution`). The mode instance owns
+whose double backward runs native kernels (:func:`native_convolution`); where a gradient is
+differentiated again, it also replaces the activations whose derivatives PyTorch lacks
+(:mod:`lightning_layerkd.activations`). The mode instance owns
 all the state the rules need (which leaves the running ``grad`` call asks for); the module
 holds none.
 """
@@ -21,10 +23,21 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
 
+from lightning_layerkd import activations
+
 __all__ = ["LeanAutograd", "native_convolution"]
 
 _CONVOLUTIONS = (F.conv1d, F.conv2d, F.conv3d)
 _BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
+#: Activations without a derivative of their backward in PyTorch (``aten::hardsigmoid_backward``
+#: has none: no double backward, no reverse-over-forward), each with its twice-differentiable
+#: replacement. ``nn.Hardsigmoid`` calls ``F.hardsigmoid``; the ``torch._C._nn`` entries catch
+#: direct calls of the kernels. All other activations keep PyTorch's own rules.
+_TWICE_DIFFERENTIABLE: dict[Any, Any] = {
+    F.hardsigmoid: activations.hardsigmoid,
+    torch._C._nn.hardsigmoid: activations.hardsigmoid,
+    torch._C._nn.hardsigmoid_: partial(activations.hardsigmoid, inplace=True),
+}
 
 
 class LeanAutograd(TorchFunctionMode):
@@ -44,7 +57,11 @@ class LeanAutograd(TorchFunctionMode):
     With ``double_backward`` (the student's map pass, whose gradient is backpropagated again):
     convolutions record :class:`_Convolution`, whose double backward runs the native forward and
     backward kernels. PyTorch's own computes the weight-gradient term as a convolution of
-    transposed tensors, 1.5-2.7 times slower on CPU (ResNet layer shapes, batch 32).
+    transposed tensors, 1.5-2.7 times slower on CPU (ResNet layer shapes, batch 32). And
+    ``F.hardsigmoid``, whose backward PyTorch cannot differentiate (the squeeze-excite gates of
+    MobileNetV3), runs as :func:`~lightning_layerkd.activations.hardsigmoid`: same values, a
+    backward and a forward-mode rule made of differentiable ops. Without ``double_backward``
+    PyTorch's own suffices (first derivatives and forward mode exist) and is kept.
 
     The tangents are built from ordinary differentiable ops, so reverse mode through them (the
     student's map loss) is unchanged.
@@ -68,6 +85,8 @@ class LeanAutograd(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
+        if self.double_backward and func in _TWICE_DIFFERENTIABLE:
+            return _TWICE_DIFFERENTIABLE[func](*args, **kwargs)
         if func in _CONVOLUTIONS and not kwargs and len(args) >= 2:
             conv = partial(native_convolution, func, owner=self) if self.double_backward else func
             return _convolution_jvp(conv, *args) if self.tangents else conv(*args)
