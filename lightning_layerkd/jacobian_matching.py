@@ -175,7 +175,8 @@ def jacobian_norm_penalty(
     """
     with torch.enable_grad():
         x = _leaf(x)
-        logits = _check_logits(model(x))
+        with LeanAutograd(tangents=False, double_backward=True):  # differentiated again
+            logits = _check_logits(model(x))
         if target is not None:
             c = _classes(logits, target)
             (j,) = torch.autograd.grad(logits.gather(1, c.view(-1, 1)).sum(), x, create_graph=True)

@@ -6,11 +6,14 @@ read the layers during training are in :mod:`lightning_layerkd.hooks`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
 from lightning_layerkd.discovery import format_candidates, trace_feature_maps
+
+_GATE = re.compile(r"squeeze|excit|^se(module|layer|block)?$|gate|attention", re.IGNORECASE)
 
 __all__ = [
     "LayerSpec",
@@ -57,7 +60,9 @@ def conversion_conv(module: nn.Module, path: str = "") -> tuple[str, nn.Conv2d]:
     """The conversion convolution of a crucial module (docs/design.md, section 3).
 
     That is the module's first ``nn.Conv2d`` (in ``named_modules()`` order, the module itself
-    included) whose input and output channels differ, else its first ``nn.Conv2d``.
+    included) whose input and output channels differ, else its first ``nn.Conv2d``; convolutions
+    inside a squeeze-excite or attention gate (which act on pooled features) are passed over
+    while the module has others.
 
     Args:
         module: the crucial module.
@@ -69,7 +74,14 @@ def conversion_conv(module: nn.Module, path: str = "") -> tuple[str, nn.Conv2d]:
     Raises:
         ValueError: if the module contains no ``nn.Conv2d``.
     """
-    convs = [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Conv2d)]
+    gates = [  # squeeze-excite and attention gates act on pooled features: not conversions
+        name for name, m in module.named_modules() if name and _GATE.search(type(m).__name__)
+    ]
+    convs = [
+        (name, m)
+        for name, m in module.named_modules()
+        if isinstance(m, nn.Conv2d) and not any(name.startswith(g + ".") for g in gates)
+    ] or [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         children = "\n".join(
             f"  {name}: {type(child).__name__}" for name, child in module.named_children()

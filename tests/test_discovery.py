@@ -12,8 +12,9 @@ import torchvision
 from torch import nn
 
 from lightning_layerkd import DistillationModule, find_crucial_layers
+from lightning_layerkd.layers import conversion_conv
 from lightning_layerkd.maps import feature_grid
-from lightning_layerkd.methods import HessianMaps, JacobianMaps
+from lightning_layerkd.methods import HessianMaps, JacobianMaps, JacobianMatching
 
 timm = pytest.importorskip("timm")  # the timm rows need the test extra
 
@@ -81,12 +82,11 @@ def test_auto_layers_on_model_families(family: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_distillation_step_through_the_found_layers(family: str) -> None:
-    """Attention maps train the student through the found layers (densenet121's `features` was
-    modified in place after its hook read it); so do Jacobian activation maps where the
-    activations allow them."""
+    """Attention, Jacobian and Hessian maps train the student through the found layers
+    (densenet121's `features` was modified in place after its hook read it; MobileNetV3's
+    hardsigmoid had no double backward)."""
     teacher_name, student_name, expected = FAMILIES[family]
-    methods = ["attention", JacobianMaps()] if "mobilenetv3" not in family else ["attention"]
-    for method in methods:
+    for method in ["attention", JacobianMaps(), HessianMaps()]:
         student = build(student_name)
         module = DistillationModule(
             build(teacher_name), student, method=method, num_classes=10, example_input=X
@@ -96,6 +96,22 @@ def test_a_distillation_step_through_the_found_layers(family: str) -> None:
         assert torch.isfinite(out["loss"])
         assert set(out["layer_divergence"]) <= {s for s, _ in expected}
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+
+
+@pytest.mark.slow
+def test_weight_maps_and_the_jacobian_norm_penalty_on_mobilenetv3() -> None:
+    """Weight maps hook each block's conversion convolution, not the squeeze-excite's (whose
+    output an in-place ReLU overwrites); Prop. 2's penalty differentiates through hardsigmoid."""
+    teacher_name, student_name, expected = FAMILIES["efficientnet_b0->mobilenetv3_small_100"]
+    for method in (JacobianMaps(wrt="weight"), JacobianMatching(norm_penalty_weight=0.1)):
+        module = DistillationModule(
+            build(teacher_name), build(student_name), method=method, layers=expected,
+            num_classes=10,
+        )  # fmt: skip
+        out = module.training_step((X, Y), 0)
+        out["loss"].backward()
+        assert torch.isfinite(out["loss"])
+    assert conversion_conv(build(student_name).blocks[0], "blocks.0")[0] == "blocks.0.0.conv_dw"
 
 
 def test_tokens_are_read_on_their_patch_grid() -> None:
