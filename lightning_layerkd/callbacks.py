@@ -8,21 +8,23 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_layerkd.divergence import LN2
 from lightning_layerkd.lr_rules import (
     Rule,
     check_rule_options,
+    compose_swa_lrs,
     first_group_lrs,
     layer_divergences,
+    multipliers_in_force,
     named_param_groups,
-    no_signal_reason,
     paper_divergence,
     paper_rate,
     relative_factors,
+    relative_step,
     scale_param_group,
+    steps_per_epoch,
 )
 
 __all__ = ["LayerwiseLRCallback"]
@@ -71,6 +73,12 @@ class LayerwiseLRCallback(Callback):
     The update runs when the last training batch of the epoch ends: after Lightning has stepped
     that epoch's schedulers, before validation and checkpointing, so a run resumed from any
     end-of-epoch checkpoint follows the same learning rates as one that was not interrupted.
+
+    Composes with :class:`~lightning.pytorch.callbacks.StochasticWeightAveraging` (any
+    ``SWALR``), which anneals each group's ``lr`` to its ``swa_lr``: when SWALR sets them (at
+    SWA's start, or a resumed fit's), every crucial group's ``swa_lr`` is multiplied by its
+    layer's factor in force (an info message says so) and later updates rescale it with ``lr``,
+    so crucial rates stay ``factor_j`` times SWA's. SWA's BatchNorm epoch (no training) is skipped.
 
     Works with any LightningModule whose param groups carry ``"name"`` and whose
     ``training_step`` returns ``{"loss": ..., "layer_divergence": {name: per-sample JSD}}``,
@@ -167,17 +175,26 @@ class LayerwiseLRCallback(Callback):
             )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        batches = trainer.num_training_batches
-        max_steps = trainer.max_steps
-        if max_steps is None or max_steps < 0 or not isinstance(batches, int) or batches <= 0:
-            return
-        steps_per_epoch = math.ceil(batches / max(1, trainer.accumulate_grad_batches))
-        first_update = self.every_n_epochs * steps_per_epoch
-        if max_steps - trainer.global_step < first_update - trainer.current_epoch * steps_per_epoch:
+        steps = steps_per_epoch(trainer.num_training_batches, trainer.accumulate_grad_batches)
+        first_update = (self.every_n_epochs - trainer.current_epoch) * (steps or 0)  # from here
+        if steps and 0 <= trainer.max_steps < trainer.global_step + first_update:
             rank_zero_warn(
                 f"LayerwiseLRCallback(every_n_epochs={self.every_n_epochs}) will not update: "
-                f"max_steps={max_steps} ends before the end of epoch {self.every_n_epochs} "
-                f"({steps_per_epoch} steps an epoch); lower every_n_epochs or raise max_steps"
+                f"max_steps={trainer.max_steps} ends before the end of epoch {self.every_n_epochs} "
+                f"({steps} steps an epoch); lower every_n_epochs or raise max_steps"
+            )
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # SWALR sets swa_lr when it is built: in on_train_epoch_start, of whichever callback
+        multipliers = multipliers_in_force(self.rule, self.factor, self.history)
+        composed = compose_swa_lrs(named_param_groups(trainer.optimizers), multipliers)
+        if composed:
+            rank_zero_info(
+                "LayerwiseLRCallback: SWALR (StochasticWeightAveraging) took over the learning "
+                "rates; each crucial layer's swa_lr is multiplied by its layer-wise factor: "
+                + ", ".join(f"{n}: {v:.4g} (x{multipliers[n]:.4g})" for n, v in composed.items())
             )
 
     def on_train_batch_end(
@@ -188,6 +205,9 @@ class LayerwiseLRCallback(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        if getattr(trainer.fit_loop, "_skip_backward", False):  # SWA's BatchNorm epoch
+            self._last_epoch_ended = trainer.current_epoch
+            return
         divergences = layer_divergences(outputs)
         groups = named_param_groups(trainer.optimizers)
         for name, value in divergences.items():
@@ -222,11 +242,8 @@ class LayerwiseLRCallback(Callback):
     def _eta_logged(self, name: str) -> float:
         if self.rule == "paper":
             return self.eta.get(name, self.eta_init)
-        return self._eta_hat(name) if self.updates.get(name) else 0.0
-
-    def _eta_hat(self, name: str) -> float:
-        """Bias-corrected ``eta_j / (1 - gamma ** t)`` at the layer's ``t``-th update."""
-        return self.eta[name] / (1 - self.gamma ** self.updates[name])
+        t = self.updates.get(name)  # eta_hat, bias-corrected at the layer's t-th update
+        return self.eta[name] / (1 - self.gamma**t) if t else 0.0
 
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         names = sorted(self._sum)
@@ -238,9 +255,7 @@ class LayerwiseLRCallback(Callback):
             device=device,
         ).reshape(-1, 2)
         stats = trainer.strategy.reduce(stats, reduce_op="sum")  # all ranks agree
-        totals = {
-            name: (acc, count) for name, (acc, count) in zip(names, stats.tolist(), strict=True)
-        }
+        totals = {n: (acc, count) for n, (acc, count) in zip(names, stats.tolist(), strict=True)}
         record: dict[str, Any] = {"epoch": trainer.current_epoch}
         if self.rule == "paper":
             self._update_paper(trainer, pl_module, totals, record)
@@ -256,24 +271,16 @@ class LayerwiseLRCallback(Callback):
         totals: dict[str, tuple[float, float]],
         record: dict[str, Any],
     ) -> None:
-        divergence: dict[str, float] = {}
-        eta_hat: dict[str, float] = {}
-        for name, (acc, count) in totals.items():
-            d = acc / count / LN2 if count else math.nan  # step 1
-            divergence[name] = d
-            why = no_signal_reason(d, self.noise_floor)
-            if why is not None:
-                self._warn_once(
-                    name,
-                    f"LayerwiseLRCallback: the divergence of layer {name!r} is {d:.3g} "
-                    f"({why}): its map carries no signal, so the layer keeps factor 1 and is left "
-                    "out of the geometric mean",
-                )
-                continue
-            self.eta[name] = self.gamma * self.eta.get(name, 0.0) + (1 - self.gamma) * d  # eq. 12
-            self.updates[name] = self.updates.get(name, 0) + 1
-            eta_hat[name] = self._eta_hat(name)  # step 2: bias correction
-            self.reference.setdefault(name, eta_hat[name])
+        divergence, eta_hat, silent = relative_step(
+            totals, self.eta, self.updates, self.reference, gamma=self.gamma, noise=self.noise_floor
+        )  # steps 1-2
+        for name, why in silent.items():
+            self._warn_once(
+                name,
+                f"LayerwiseLRCallback: the divergence of layer {name!r} is {divergence[name]:.3g} "
+                f"({why}): its map carries no signal, so the layer keeps factor 1 and is left "
+                "out of the geometric mean",
+            )
         factors = relative_factors(
             eta_hat, power=self.power, max_factor=self.max_factor, reference=self.reference
         )  # steps 3-4
@@ -312,8 +319,7 @@ class LayerwiseLRCallback(Callback):
 
     def _paper_factor(self, trainer: pl.Trainer, name: str, eta: float) -> float:
         """Eq. 11 with clamping for the group named ``name``: the factor new / old rate."""
-        optimizer, index = named_param_groups(trainer.optimizers)[name][0]
-        alpha = optimizer.param_groups[index]["lr"]
+        alpha = first_group_lrs(named_param_groups(trainer.optimizers))[name]
         if alpha == 0:
             rank_zero_warn(
                 f"LayerwiseLRCallback: param group {name!r} has lr 0, which eq. 11 cannot "

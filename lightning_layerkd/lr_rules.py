@@ -1,8 +1,8 @@
 """The learning-rate rules of :class:`~lightning_layerkd.LayerwiseLRCallback` as pure functions
 (Kokane et al. 2024, eqs. 11-12): the paper's literal rule and the scale-free relative rule,
-the validation of their options, the reading of ``training_step``'s per-layer divergences, and
-the rescaling of named optimizer param groups (with their schedulers' anchors) that applies
-them. Nothing here depends on Lightning."""
+the validation of their options, the reading of ``training_step``'s per-layer divergences, the
+rescaling of named optimizer param groups (with their schedulers' anchors) that applies them,
+and its composition with SWALR's ``swa_lr``. Nothing here depends on Lightning."""
 
 from __future__ import annotations
 
@@ -12,20 +12,27 @@ from typing import Any, Literal
 
 from torch.optim import Optimizer
 
+from lightning_layerkd.divergence import LN2
+
 __all__ = [
     "PAPER_OPTIONS",
     "RELATIVE_OPTIONS",
     "RULES",
+    "SWA_MARK",
     "Rule",
     "check_rule_options",
+    "compose_swa_lrs",
     "first_group_lrs",
     "layer_divergences",
+    "multipliers_in_force",
     "named_param_groups",
     "no_signal_reason",
     "paper_divergence",
     "paper_rate",
     "relative_factors",
+    "relative_step",
     "scale_param_group",
+    "steps_per_epoch",
 ]
 
 Rule = Literal["relative", "paper"]
@@ -41,6 +48,40 @@ PAPER_OPTIONS: dict[str, Any] = {
 }
 #: Options of ``rule="relative"`` only, with their defaults.
 RELATIVE_OPTIONS: dict[str, Any] = {"power": -0.5, "max_factor": 4.0, "noise_floor": 1e-6}
+#: The param-group key that remembers the ``swa_lr`` :func:`compose_swa_lrs` gave the group.
+SWA_MARK = "layerwise_swa_lr"
+
+
+def relative_step(
+    totals: Mapping[str, tuple[float, float]],
+    eta: dict[str, float],
+    updates: dict[str, int],
+    reference: dict[str, float],
+    *,
+    gamma: float,
+    noise: float,
+) -> tuple[dict[str, float], dict[str, float], dict[str, str]]:
+    """Steps 1-2 of ``rule="relative"`` for one interval from each layer's ``(sum, count)`` of
+    per-sample divergences: ``D_j = sum / count / ln 2``; for a layer with signal (see
+    :func:`no_signal_reason`, ``noise`` is the noise floor) eq. 12 into ``eta``, one more update
+    into ``updates``, the bias-corrected ``eta_hat_j = eta_j / (1 - gamma ** t)`` and, at the
+    layer's first update, ``reference[j] = eta_hat_j`` (the three dicts changed in place).
+
+    Returns ``(D, eta_hat, {layer: why it has no signal})``."""
+    divergence: dict[str, float] = {}
+    eta_hat: dict[str, float] = {}
+    silent: dict[str, str] = {}
+    for name, (acc, count) in totals.items():
+        d = divergence[name] = acc / count / LN2 if count else math.nan  # step 1
+        why = no_signal_reason(d, noise)
+        if why is not None:
+            silent[name] = why
+            continue
+        eta[name] = gamma * eta.get(name, 0.0) + (1 - gamma) * d  # eq. 12
+        updates[name] = updates.get(name, 0) + 1
+        eta_hat[name] = eta[name] / (1 - gamma ** updates[name])  # step 2: bias correction
+        reference.setdefault(name, eta_hat[name])
+    return divergence, eta_hat, silent
 
 
 def relative_factors(
@@ -175,6 +216,13 @@ def no_signal_reason(divergence: float, noise_floor: float) -> str | None:
     return None
 
 
+def steps_per_epoch(batches: Any, accumulate_grad_batches: int) -> int | None:
+    """Optimizer steps in an epoch of ``batches`` training batches, ``None`` when unknown."""
+    if not isinstance(batches, int) or isinstance(batches, bool) or batches <= 0:
+        return None
+    return math.ceil(batches / max(1, accumulate_grad_batches))
+
+
 def named_param_groups(optimizers: Iterable[Optimizer]) -> dict[str, list[tuple[Optimizer, int]]]:
     """The param groups that carry a ``"name"``, by name: ``[(optimizer, group index), ...]``."""
     named: dict[str, list[tuple[Optimizer, int]]] = {}
@@ -198,13 +246,16 @@ def scale_param_group(
     optimizer: Optimizer, index: int, schedulers: Iterable[Any], factor: float
 ) -> None:
     """Multiply param group ``index`` of ``optimizer`` by ``factor``: its ``lr``, its anchors
-    (``initial_lr``; OneCycleLR's ``max_lr`` / ``min_lr``) and the ``base_lrs`` / ``_last_lr``
-    entries of those ``schedulers`` (or the ones they wrap) that drive ``optimizer``."""
+    (``initial_lr``; OneCycleLR's ``max_lr`` / ``min_lr``; SWALR's ``swa_lr`` once
+    :func:`compose_swa_lrs` has composed it) and the ``base_lrs`` / ``_last_lr`` entries of those
+    ``schedulers`` (or the ones they wrap) that drive ``optimizer``."""
     group = optimizer.param_groups[index]
     group["lr"] *= factor
     for key in ("initial_lr", "max_lr", "min_lr"):  # OneCycleLR keeps its anchors here
         if isinstance(group.get(key), (int, float)):
             group[key] *= factor
+    if _composed(group):  # SWALR's target; one SWALR has just written waits for compose_swa_lrs
+        group["swa_lr"] = group[SWA_MARK] = group["swa_lr"] * factor
     for top in schedulers:
         for scheduler in _with_children(top):
             if getattr(scheduler, "optimizer", None) is optimizer:
@@ -220,3 +271,49 @@ def _with_children(scheduler: Any) -> list[Any]:
     for child in getattr(scheduler, "_schedulers", None) or []:
         found.extend(_with_children(child))
     return found
+
+
+def multipliers_in_force(
+    rule: str, factor: Mapping[str, float], history: Sequence[Mapping[str, Any]]
+) -> dict[str, float]:
+    """Each layer's multiplier now in force on top of its scheduler's rate: its factor
+    (``rule="relative"``), or the product of all its updates' factors (``"paper"`` compounds)."""
+    if rule != "paper":
+        return dict(factor)
+    product: dict[str, float] = {}
+    for record in history:
+        for name, update in record.items():
+            if name != "epoch":
+                product[name] = product.get(name, 1.0) * update["factor"]
+    return product
+
+
+def compose_swa_lrs(
+    named: Mapping[str, Sequence[tuple[Optimizer, int]]], multipliers: Mapping[str, float]
+) -> dict[str, float]:
+    """Multiply the ``swa_lr`` that SWALR (``torch.optim.swa_utils``, as built by Lightning's
+    ``StochasticWeightAveraging``) put in each param group of :func:`named_param_groups`' result
+    by its layer's multiplier (1 for a layer not in ``multipliers``); returns the new ``swa_lr``
+    of the layers in ``multipliers`` that were composed now.
+
+    SWALR anneals ``lr`` towards ``swa_lr`` linearly in both, so a group whose ``lr`` and
+    ``swa_lr`` carry the same multiplier keeps it exactly. SWALR writes ``swa_lr`` when it is
+    built (also when a resumed fit rebuilds it), while a restored optimizer state brings back the
+    composed value: each group remembers (:data:`SWA_MARK`) the value composed last, so every
+    ``swa_lr`` SWALR writes is composed once and a restored one is left alone."""
+    composed: dict[str, float] = {}
+    for name, places in named.items():
+        for optimizer, index in places:
+            group = optimizer.param_groups[index]
+            if not isinstance(group.get("swa_lr"), (int, float)) or _composed(group):
+                continue
+            group["swa_lr"] = group[SWA_MARK] = group["swa_lr"] * multipliers.get(name, 1.0)
+            if name in multipliers:
+                composed[name] = float(group["swa_lr"])
+    return composed
+
+
+def _composed(group: Mapping[str, Any]) -> bool:
+    """Whether the group's ``swa_lr`` is the one :func:`compose_swa_lrs` composed last."""
+    swa_lr = group.get("swa_lr")
+    return isinstance(swa_lr, (int, float)) and swa_lr == group.get(SWA_MARK)
