@@ -24,6 +24,20 @@ one step of every configuration (the order rotates each round), so a change in m
 hits every configuration alike. Each step is timed with ``time.perf_counter`` (after
 ``torch.cuda.synchronize`` on CUDA); the table gives the median and the interquartile range.
 
+Aten ops per step (``--ops profile``, the default; ``--ops none`` skips it): after the warm-up,
+``--ops-steps`` further steps of every configuration run one at a time under
+``torch.profiler.profile(activities=[ProfilerActivity.CPU])`` (CPU op events only, whatever the
+device). An *op* is a profiler event whose name starts with ``aten::`` and that has no ``aten::``
+event among its ancestors on the CPU op stack (``FunctionEvent.cpu_parent`` chain): the ops the
+dispatcher is called for from Python, autograd's backward nodes and the optimizer, not the ops
+they decompose into (``aten::conv2d`` counts once, its inner ``aten::convolution`` /
+``aten::_convolution`` / ``aten::mkldnn_convolution`` do not). This is the closest CPU-side proxy
+of the kernels a step launches; it also counts ops that launch no kernel (views such as
+``aten::t``, ``aten::view``, ``aten::detach``), and a composite op that launches several kernels
+counts once. The JSON also keeps the count of all ``aten::`` events (nested ones included). The
+table's ``aten ops`` is the median over the profiled steps, ``ops x floor`` its ratio to the
+``floor`` configuration of the same (pair, batch size).
+
 Memory (``--memory subprocess``, the default): each configuration runs again in a fresh
 subprocess (``--one CONFIG``, hidden flag) for 3 steps. On CPU the figure is the growth of the
 process's resident set: the kernel's peak mark ``VmHWM`` is reset to the current RSS through
@@ -42,6 +56,8 @@ one-probe Hutchinson estimate of the Hessian diagonal.
 
 Examples::
 
+    python benchmarks/step_cost.py --pairs w8 --batch-sizes 4 --memory none \\
+        --reference-pair none --configs floor,attention,jacobian-weight,hessian-weight
     python benchmarks/step_cost.py --pairs narrow --batch-sizes 32 --repeats 5 --warmup 2 \\
         --threads 1
     python benchmarks/step_cost.py --pairs paper,narrow --batch-sizes 32,128 --repeats 10
@@ -83,6 +99,7 @@ from lightning_layerkd.module import DistillationModule
 PAIRS: dict[str, tuple[int, int, int, int]] = {
     "paper": (18, 10, 64, 64),  # Kokane et al.: ResNet-18 -> ResNet-10 on CIFAR
     "narrow": (18, 10, 16, 8),  # a CPU-sized pair
+    "w8": (18, 10, 8, 8),  # the GPU-speed issue's op-count pair (with batch 4)
 }
 NUM_CLASSES = 10
 IMAGE_SIZE = 32
@@ -117,6 +134,17 @@ CONFIGS: dict[str, Config] = {
 #: the issue's targets: CPU, paper pair, batch 32, wrt=weight; config -> max ratio to floor
 TARGETS = {"attention": 1.05, "jacobian-weight": 2.0, "hessian-weight": 3.0}
 TARGET_CELL = ("cpu", "paper", 32)
+#: the GPU-speed issue's targets for aten ops per step, ratio to floor, on this (pair, batch)
+OPS_TARGETS = {
+    "attention": 1.5,
+    "jacobian-weight": 3.0,
+    "jacobian-activation": 3.0,
+    "hessian-weight": 5.0,
+    "hessian-activation": 5.0,
+}
+OPS_TARGET_CELL = ("w8", 4)
+#: the issue's ratios before this measurement ("today"), for the report
+OPS_ISSUE_RATIOS = {"attention": 1.90, "jacobian": 3.97, "hessian": 7.51}
 
 
 class Skipped(Exception):
@@ -156,7 +184,7 @@ def build_step(
     else:
         kwargs: dict[str, Any] = {"layers": LAYERS, "num_classes": NUM_CLASSES}
         try:  # may be a method this version lacks
-            options = {"wrt": config.wrt} if config.wrt is not None else {}
+            options: dict[str, Any] = {"wrt": config.wrt} if config.wrt is not None else {}
             kwargs["method"] = method_class(config.method)(**options)
             module = DistillationModule(teacher, student, **kwargs)
         except ValueError as err:
@@ -195,6 +223,30 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def _has_aten_ancestor(event: Any) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def count_aten_ops(fn: Callable[[], Any], device: torch.device) -> dict[str, int]:
+    """Aten ops of one call of ``fn``, by the CPU profiler (see the module docstring).
+
+    Returns ``{"top": ops with no aten:: ancestor, "all": every aten:: event}``.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+        synchronize(device)
+    aten = [e for e in prof.events() if e.name.startswith("aten::")]
+    return {"top": sum(not _has_aten_ancestor(e) for e in aten), "all": len(aten)}
+
+
 def summarise(seconds: list[float]) -> dict[str, Any]:
     ms = [1e3 * s for s in seconds]
     q = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0], ms[0], ms[0]]
@@ -210,7 +262,7 @@ def summarise(seconds: list[float]) -> dict[str, Any]:
 def time_cell(
     pair: str, batch_size: int, configs: list[str], args: argparse.Namespace
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """Time every configuration of one (pair, batch size), interleaved round by round."""
+    """Time (and count the aten ops of) every configuration of one (pair, batch size)."""
     device = torch.device(args.device)
     teacher, student = make_networks(pair, device, args.seed)
     x, y = make_batch(batch_size, device, args.seed)
@@ -226,6 +278,18 @@ def time_cell(
             step()
         synchronize(device)
     names = list(steps)
+    ops: dict[str, dict[str, Any]] = {}
+    if args.ops == "profile":
+        for name in names:
+            counts = [count_aten_ops(steps[name], device) for _ in range(args.ops_steps)]
+            top, every = [c["top"] for c in counts], [c["all"] for c in counts]
+            ops[name] = {
+                "aten_ops": statistics.median(top),
+                "aten_ops_steps": top,
+                "aten_ops_all": statistics.median(every),
+                "aten_ops_all_steps": every,
+            }
+            print(f"  {pair} b{batch_size}: {name} {top} aten ops", file=sys.stderr)
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for r in range(args.repeats):
         gc.collect()
@@ -235,7 +299,8 @@ def time_cell(
         print(f"  {pair} b{batch_size}: round {r + 1}/{args.repeats}", file=sys.stderr)
     del steps
     gc.collect()
-    return {name: summarise(s) for name, s in seconds.items()}, skipped
+    stats = {name: {**summarise(s), **ops.get(name, {})} for name, s in seconds.items()}
+    return stats, skipped
 
 
 # ---------------------------------------------------------------------------------- memory
@@ -505,6 +570,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# Step cost ({result['date']})",
         "",
+        f"- command: `{result['command']}`",
+        "- pairs: " + "; ".join(f"{k} = {v}" for k, v in result["pairs"].items()),
         f"- device: {info['device']}"
         + (f" ({info['gpu']})" if "gpu" in info else f" ({info['cpu_model']})")
         + f"; torch {info['torch']}; {info['torch_threads']} thread(s); "
@@ -512,17 +579,21 @@ def markdown(result: dict[str, Any]) -> str:
         f"- {settings['repeats']} timed rounds after {settings['warmup']} warm-up steps per "
         "configuration, interleaved; median and interquartile range of single steps",
         f"- memory: {result['memory_method']}",
+        f"- {result['ops_definition']}",
         "",
-        "| config | pair | batch | median ms | IQR ms | x student | x floor | memory |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
+        "| config | pair | batch | median ms | IQR ms | x student | x floor | aten ops "
+        "| ops x floor | memory |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in result["rows"]:
         x_student = f"{r['ratio_to_student']:.2f}" if r.get("ratio_to_student") else "-"
         x_floor = f"{r['ratio_to_floor']:.2f}" if r.get("ratio_to_floor") else "-"
+        ops = f"{r['aten_ops']:g}" if "aten_ops" in r else "-"
+        ops_floor = f"{r['ops_ratio_to_floor']:.2f}" if r.get("ops_ratio_to_floor") else "-"
         lines.append(
             f"| {r['config']} | {r['pair']} | {r['batch']} | {r['median_ms']:.1f} | "
-            f"{r['p25_ms']:.1f}-{r['p75_ms']:.1f} | {x_student} | {x_floor} | "
-            f"{format_memory(r.get('memory'))} |"
+            f"{r['p25_ms']:.1f}-{r['p75_ms']:.1f} | {x_student} | {x_floor} | {ops} | "
+            f"{ops_floor} | {format_memory(r.get('memory'))} |"
         )
     if result["skipped"]:
         lines += ["", "Skipped:"]
@@ -540,6 +611,24 @@ def markdown(result: dict[str, Any]) -> str:
             f"- {c['config']} ({c['pair']}, batch {c['batch']}, {tag}): "
             f"{c['ratio_to_floor']:.2f}x floor, limit {c['limit']:.2f}x: {verdict}"
         )
+    ops_rows = [
+        r
+        for r in result["rows"]
+        if (r["pair"], r["batch"]) == OPS_TARGET_CELL
+        and r["config"] in OPS_TARGETS
+        and r.get("ops_ratio_to_floor")
+    ]
+    if ops_rows:
+        pair, batch = OPS_TARGET_CELL
+        lines += ["", f"## Aten-op targets (GPU-speed issue: {pair} pair, batch {batch})", ""]
+        for r in ops_rows:
+            limit, ratio = OPS_TARGETS[r["config"]], r["ops_ratio_to_floor"]
+            before = OPS_ISSUE_RATIOS.get(r["config"].split("-")[0])
+            verdict = "holds" if ratio <= limit else "MISSED"
+            lines.append(
+                f"- {r['config']}: {ratio:.2f}x floor ops, limit {limit:.1f}x: {verdict}"
+                + (f" (issue reported {before:.2f}x)" if before else "")
+            )
     ref = result.get("reference")
     if ref:
         lines += [
@@ -591,6 +680,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--memory", choices=["subprocess", "none"], default="subprocess")
     parser.add_argument(
+        "--ops",
+        choices=["profile", "none"],
+        default="profile",
+        help="count aten ops per step with torch.profiler ('none' skips it)",
+    )
+    parser.add_argument("--ops-steps", type=int, default=2, help="profiled steps per config")
+    parser.add_argument(
         "--reference-pair", choices=[*PAIRS, "none"], default="narrow", help="'none' skips it"
     )
     parser.add_argument("--reference-batch", type=int, default=32)
@@ -600,8 +696,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="benchmarks/results/step_cost")
     parser.add_argument("--one", choices=list(CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.repeats < 1 or args.warmup < 0 or args.ops_steps < 1:
+        parser.error("--repeats and --ops-steps must be >= 1 and --warmup >= 0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
     return args
@@ -620,7 +716,22 @@ def main(argv: list[str] | None = None) -> None:
     result: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(device),
+        "command": " ".join(
+            ["python", "benchmarks/step_cost.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
         "settings": {k: v for k, v in vars(args).items() if k != "one"},
+        "pairs": {
+            p: f"ResNet-{PAIRS[p][0]} width {PAIRS[p][2]} -> ResNet-{PAIRS[p][1]} width "
+            f"{PAIRS[p][3]}"
+            for p in args.pairs
+        },
+        "ops_definition": (
+            "aten ops per step: CPU torch.profiler events named aten::* with no aten::* "
+            "ancestor on the CPU op stack (top-level: what Python, autograd and the optimizer "
+            "dispatch); median over --ops-steps profiled steps"
+            if args.ops == "profile"
+            else "not measured"
+        ),
         "memory_method": (
             "not measured"
             if args.memory == "none"
@@ -647,6 +758,7 @@ def main(argv: list[str] | None = None) -> None:
             result["skipped"].update(skipped)
             student = stats.get("student", {}).get("median_ms")
             floor = stats.get("floor", {}).get("median_ms")
+            floor_ops = stats.get("floor", {}).get("aten_ops")
             for config, s in stats.items():
                 result["rows"].append(
                     {
@@ -656,6 +768,9 @@ def main(argv: list[str] | None = None) -> None:
                         **s,
                         "ratio_to_student": s["median_ms"] / student if student else None,
                         "ratio_to_floor": s["median_ms"] / floor if floor else None,
+                        "ops_ratio_to_floor": (
+                            s["aten_ops"] / floor_ops if floor_ops and "aten_ops" in s else None
+                        ),
                     }
                 )
     if args.memory == "subprocess":
