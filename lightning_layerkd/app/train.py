@@ -10,7 +10,6 @@ result table.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import itertools
 import json
@@ -24,9 +23,8 @@ import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -39,13 +37,11 @@ from lightning_layerkd.layers import check_layer_pairs, normalise_layers
 from lightning_layerkd.methods import DistillationMethod, InformationFlow
 from lightning_layerkd.module import BASE_GROUP, DistillationModule
 
+from . import ConfigError
+from .runs import StudentHistory, resume_from, sweep_identity
 from .teacher import EpochHistory, TeacherTrainingError, atomic_write, build_trainer, train_teacher
 
 __all__ = ["ConfigError", "check_config", "format_result", "main", "run"]
-
-
-class ConfigError(ValueError):
-    """A configuration mistake found before training starts."""
 
 
 # ---------------------------------------------------------------------- building blocks
@@ -189,67 +185,6 @@ def check_layers(
     return list(layers)
 
 
-class StudentHistory(EpochHistory):
-    """The student's :class:`EpochHistory`, kept in its checkpoints with the state of the random
-    generators its fit draws from (the train loader's and its dataset's, put back by
-    :meth:`restore` as the loader is built; torch's, as the first epoch starts), so that a fit
-    resumed from an end-of-epoch checkpoint trains as an uninterrupted one and reports every
-    epoch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._generators: dict[str, torch.Generator] = {"torch": torch.default_generator}
-        self._saved: dict[str, torch.Tensor] = {}  # the checkpoint's, until put back
-
-    def restore(self, loader: Any) -> Any:
-        """``train_dataloader()``'s ``loader``, its generators put back to the checkpoint's."""
-        for key, owner in (("loader", loader), ("dataset", getattr(loader, "dataset", None))):
-            if isinstance(generator := getattr(owner, "generator", None), torch.Generator):
-                self._generators[key] = generator
-                if key in self._saved:
-                    generator.set_state(self._saved.pop(key))
-        return loader
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if "torch" in self._saved:  # torch's own: as late as possible
-            torch.set_rng_state(self._saved.pop("torch"))
-        if "cuda" in self._saved and pl_module.device.type == "cuda":
-            torch.cuda.set_rng_state(self._saved.pop("cuda"), pl_module.device)
-
-    def state_dict(self) -> dict[str, Any]:
-        rng = {key: generator.get_state() for key, generator in self._generators.items()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            rng["cuda"] = torch.cuda.get_rng_state()  # the current device's
-        return {"epochs": list(self.epochs), "rng": rng}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.epochs, self._saved = list(state_dict["epochs"]), dict(state_dict.get("rng", {}))
-
-
-def resume_from(cfg: DictConfig, root: Path, callbacks: list[Callback]) -> str | None:
-    """``cfg.ckpt_path``, the checkpoint the student's fit resumes from: a file, or ``last``, the
-    ``last.ckpt`` of this run's checkpoint folder. A run folder that holds a ``last.ckpt`` is
-    only resumed from it (another fit would leave ``last-v1.ckpt`` beside it)."""
-    folders = [Path(c.dirpath) for c in callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
-    folder = folders[0] if folders else root / "checkpoints"
-    last, wanted = folder / "last.ckpt", cfg.get("ckpt_path")
-    path = None if wanted is None else last if wanted == "last" else Path(str(wanted)).expanduser()
-    if path is not None and not path.is_file():
-        raise ConfigError(
-            f"ckpt_path={wanted}: there is no checkpoint {path}; a run saves its checkpoints in "
-            "<its run directory>/checkpoints (outputs/<date>/<time>/checkpoints, a sweep's job "
-            "multirun/<date>/<time>/<job>/checkpoints): resume it with hydra.run.dir=<its run "
-            "directory> ckpt_path=last, or pass ckpt_path=<a .ckpt file> (quoted if its name has "
-            "'=': \"ckpt_path='<file>'\")"
-        )
-    if last.is_file() and (path is None or path.resolve() != last.resolve()):
-        raise ConfigError(
-            f"this run directory already holds a checkpoint ({last}): resume with "
-            "ckpt_path=last, or choose another hydra.run.dir"
-        )
-    return None if path is None else str(path)
-
-
 def _callbacks(cfg: DictConfig, history: EpochHistory) -> tuple[list[Callback], Any]:
     """The schedule's layer-wise callback (first), the history and ``cfg.callbacks``."""
     layerwise = cfg.schedule.get("layerwise")
@@ -270,24 +205,6 @@ def build_datamodule(cfg: DictConfig) -> Any:
         cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
         raise ConfigError(f"dataset ({cfg.dataset.get('_target_')}): {cause}") from cause
     return datamodule
-
-
-def sweep_identity() -> dict[str, Any]:
-    """Which sweep (``-m``) or single run this job belongs to: the directory and a hash of the
-    sweep's overrides but ``ckpt_path`` (a resumed job stays in its sweep), so that
-    ``layerkd-report`` can refuse a directory that mixes sweeps."""
-    try:
-        hydra_cfg = HydraConfig.get()
-    except ValueError:  # not under Hydra (the Python API)
-        return {}
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        folder = Path(hydra_cfg.sweep.dir)
-        spec = OmegaConf.load(folder / "multirun.yaml").hydra.overrides.task
-    else:
-        folder, spec = Path(hydra_cfg.runtime.output_dir), hydra_cfg.overrides.task
-    overrides = [str(o) for o in spec if not str(o).startswith("ckpt_path=")]
-    digest = hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:12]
-    return {"dir": str(folder), "id": digest, "overrides": overrides}
 
 
 # ---------------------------------------------------------------------- the run
