@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_layerkd.lean_autograd import LeanAutograd, native_batch_norm
+from lightning_layerkd.lean_autograd import LeanAutograd
+from lightning_layerkd.lean_batch_norm import native_batch_norm
 
 SHAPES = [(4, 3, 5, 5), (6, 3), (3, 2, 7)]
 

@@ -678,7 +678,7 @@ def test_native_double_backward_convolution_matches_pytorch(
     """The convolution recorded under ``double_backward``: same output, first and second
     derivatives as PyTorch's convolution (a gradient of a gradient w.r.t. input, weight, bias and
     the output gradient), and ``gradgradcheck`` against finite differences."""
-    from lightning_layerkd.lean_autograd import native_convolution
+    from lightning_layerkd.lean_convolution import native_convolution
 
     gen = torch.Generator().manual_seed(3)
     dims = len(shape) - 2
