@@ -214,10 +214,10 @@ def compute_maps(
                     diagonals = [a + b for a, b in zip(diagonals, more, strict=True)]
             diagonals = [d / num_probes for d in diagonals]
 
-    maps = []
+    maps, layout = [], token_layout(model)
     for d, path in zip(diagonals, hooks.paths, strict=True):
         m = d.square() if method == "jacobian" else d.abs()
-        maps.append(m if wrt == "weight" else channel_sum(m, path, token_layout(model)))
+        maps.append(m if wrt == "weight" else channel_sum(m, path, layout))
     return logits, maps
 
 
