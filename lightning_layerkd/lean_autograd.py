@@ -66,8 +66,9 @@ class LeanAutograd(TorchFunctionMode):
     Batch norm in training mode (batch statistics) runs as
     :func:`~lightning_layerkd.lean_batch_norm.native_batch_norm`, whose backward
     is differentiated again by a closed formula: about 25 aten ops (8 on whole tensors) where
-    PyTorch's composite ``batchnorm_double_backward`` runs some 90. (With ``tangents`` too, the
-    forward-mode rule above applies instead.)
+    PyTorch's composite ``batchnorm_double_backward`` runs some 90. With ``tangents`` too (the
+    student's Hessian pass), the forward-mode rule above runs its primal and its tangent through
+    the same closed-form nodes, since the map loss is backpropagated through both.
 
     The tangents are built from ordinary differentiable ops, so reverse mode through them (the
     student's map loss) is unchanged.
@@ -99,7 +100,8 @@ class LeanAutograd(TorchFunctionMode):
         if func is F.batch_norm and self.tangents:  # dispatched as (input, mean, var) + keywords
             bound = _BATCH_NORM_SIGNATURE.bind(*args, **kwargs)
             bound.apply_defaults()
-            return batch_norm_jvp(func, *bound.args)
+            owner = self if self.double_backward else None
+            return batch_norm_jvp(func, *bound.args, owner=owner)
         if func is F.batch_norm and self.double_backward:
             bound = _BATCH_NORM_SIGNATURE.bind(*args, **kwargs)
             bound.apply_defaults()

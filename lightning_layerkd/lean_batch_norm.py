@@ -1,7 +1,8 @@
 """Batch norm for the derivative-map passes: batch statistics whose backward has a
 closed-form, cheap derivative (:func:`native_batch_norm`, for a gradient that is differentiated
 again) and a forward-mode rule through batch norm's own backward kernel
-(:func:`batch_norm_jvp`); both are routed by
+(:func:`batch_norm_jvp`, through the same closed-form nodes where its tangent is
+backpropagated); both are routed by
 :class:`~lightning_layerkd.lean_autograd.LeanAutograd`."""
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def native_batch_norm(
     ):
         return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     F._verify_batch_size(x.size())  # type: ignore[attr-defined]
-    return _BatchNorm.apply(x, weight, bias, running_mean, running_var, momentum, eps, owner)
+    return _BatchNorm.apply(x, weight, bias, running_mean, running_var, momentum, eps, owner)[0]
 
 
 class _BatchNorm(torch.autograd.Function):
@@ -65,19 +66,26 @@ class _BatchNorm(torch.autograd.Function):
         momentum: float,
         eps: float,
         owner: LeanAutograd | None,
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        ctx.set_materialize_grads(False)
         out, mean, invstd = torch.ops.aten.native_batch_norm(
             x, weight, bias, running_mean, running_var, True, momentum, eps
         )
+        # the batch statistics come out too, as constants: a tangent rule needs them
+        ctx.mark_non_differentiable(mean, invstd)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.owner = owner
         ctx.eps = eps
         ctx.affine = (weight is not None, bias is not None)
         ctx.input_ids = tuple(None if t is None else id(t) for t in (x, weight, bias))
-        return out
+        return out, mean, invstd
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_out: Tensor | None, *_: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        if grad_out is None:
+            return (None,) * 8
         x, weight, mean, invstd = ctx.saved_tensors
         mask = (
             gradient_needed(ctx, 0),
@@ -202,30 +210,54 @@ def batch_norm_jvp(
     training: bool,
     momentum: float,
     eps: float,
+    *,
+    owner: LeanAutograd | None = None,
 ) -> Tensor:
+    """``func`` (``F.batch_norm``) on a dual input: the tangent is batch norm's backward kernel
+    applied to the input's tangent (its input Jacobian is symmetric). With ``owner`` (a gradient
+    that is differentiated again) and batch statistics, the primal and the tangent run as
+    :class:`_BatchNorm` and :class:`_BatchNormBackward`, whose reverse is a closed formula
+    rather than PyTorch's composite ``batchnorm_double_backward`` (some 90 ops each)."""
     args = (x, running_mean, running_var, weight, bias, training, momentum, eps)
     x_p, x_t = fwAD.unpack_dual(x)
     affine_tangent = any(
         t is not None and fwAD.unpack_dual(t).tangent is not None for t in (weight, bias)
     )
     if x_t is None or affine_tangent:
-        return func(*args)
-    primal, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
-        x_p, weight, bias, running_mean, running_var, training, momentum, eps
-    )
-    # The batch statistics' dependence on x is inside the kernel's double backward.
-    tangent = torch.ops.aten.native_batch_norm_backward(
-        x_t,
-        x_p,
-        weight,
-        running_mean,
-        running_var,
-        save_mean.detach(),
-        save_invstd.detach(),
-        training,
-        eps,
-        [True, False, False],
-    )[0]
+        return func(*args) if owner is None else native_batch_norm(*args, owner=owner)
+    if (
+        owner is not None
+        and training
+        and x.dim() >= 2
+        and torch.is_grad_enabled()
+        and not torch.is_autocast_enabled(x.device.type)
+    ):
+        F._verify_batch_size(x.size())  # type: ignore[attr-defined]
+        primal, mean, invstd = _BatchNorm.apply(
+            x_p, weight, bias, running_mean, running_var, momentum, eps, owner
+        )
+        # dx of batch norm's backward at g = x_t; its backward differentiates the batch
+        # statistics too
+        tangent = _BatchNormBackward.apply(
+            x_t, x_p, weight, mean, invstd, eps, (True, False, False), owner
+        )[0]
+    else:
+        primal, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+            x_p, weight, bias, running_mean, running_var, training, momentum, eps
+        )
+        # The batch statistics' dependence on x is inside the kernel's double backward.
+        tangent = torch.ops.aten.native_batch_norm_backward(
+            x_t,
+            x_p,
+            weight,
+            running_mean,
+            running_var,
+            save_mean.detach(),
+            save_invstd.detach(),
+            training,
+            eps,
+            [True, False, False],
+        )[0]
     # ``make_dual`` returns a view of ``primal``; the in-place ReLU or residual ``+=`` that
     # usually follows batch norm would then put a CopySlices node (a clone of the whole tensor
     # and an as_strided backward) into the graph of the student's map loss, twice per layer.
