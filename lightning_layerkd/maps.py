@@ -96,7 +96,9 @@ def attention_map(
     Returns:
         ``(B, H, W)`` non-negative maps, in float32.
     """
-    return feature_grid(features, layer, layout).float().abs().pow(p).sum(dim=1)
+    grid = feature_grid(features, layer, layout)
+    grid = grid if grid.dtype == torch.float32 else grid.float()  # a no-op .float() is an op
+    return grid.square().sum(dim=1) if p == 2 else grid.abs().pow(p).sum(dim=1)
 
 
 def channel_sum(m: Tensor, layer: str = "", layout: tuple[int, int, int] | None = None) -> Tensor:
@@ -139,6 +141,8 @@ def match_maps(
     Returns ``(B, K)`` or ``(1, K)`` non-negative maps.
     """
     if student.dim() == 3 and teacher.dim() == 3:
+        if student.shape[1:] == teacher.shape[1:]:
+            return student.flatten(1), teacher.flatten(1)
         size = (min(student.shape[1], teacher.shape[1]), min(student.shape[2], teacher.shape[2]))
         return (
             F.adaptive_avg_pool2d(student.unsqueeze(1), size).squeeze(1).flatten(1),
@@ -150,11 +154,14 @@ def match_maps(
         )
     if weight_alignment == "index" and student.shape == teacher.shape:
         return student.reshape(1, -1), teacher.reshape(1, -1)
-    s = student.flatten(1).sum(dim=1)
-    t = teacher.flatten(1).sum(dim=1)
+    per_channel = tuple(range(1, student.dim()))
+    s = student.sum(dim=per_channel) if per_channel else student
+    t = teacher.sum(dim=tuple(range(1, teacher.dim()))) if teacher.dim() > 1 else teacher
     if weight_alignment == "sorted":
         s = s.sort(descending=True).values
         t = t.sort(descending=True).values
+    if s.numel() == t.numel():
+        return s.view(1, -1), t.view(1, -1)
     channels = min(s.numel(), t.numel())
     return (
         F.adaptive_avg_pool1d(s.view(1, 1, -1), channels).view(1, -1),
@@ -164,6 +171,8 @@ def match_maps(
 
 def at_least_float32(t: Tensor) -> Tensor:
     """``t`` in float32 or wider: half precision is upcast, float64 stays float64."""
+    if t.dtype in (torch.float32, torch.float64):  # no op at all (each is one per step)
+        return t
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 

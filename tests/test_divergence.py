@@ -9,7 +9,8 @@ import torch
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import entropy
 
-from lightning_layerkd.divergence import LN2, js_divergence, kl_divergence
+from lightning_layerkd.divergence import LN2, js_divergence, kl_divergence, map_js_divergences
+from lightning_layerkd.maps import to_distribution
 
 
 def simplex(*shape: int, dim: int = -1, seed: int = 0, alpha: float = 1.0) -> torch.Tensor:
@@ -161,3 +162,90 @@ def test_extreme_ratios_keep_value_and_gradient_finite() -> None:
     assert p.grad is not None and torch.isfinite(p.grad).all()
     want = jensenshannon(p.detach().double().numpy(), q.double().numpy(), axis=1) ** 2
     np.testing.assert_allclose(got.detach().double().numpy(), want, rtol=1e-5)
+
+
+# ------------------------------------------------------------- fused map JSD (training path)
+def _distribution64(m: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``to_distribution``'s formula written out in float64 (section 3), for the references."""
+    d = eps * m.mean(1, keepdim=True) + torch.finfo(torch.float32).tiny
+    return (m + d) / (m + d).sum(1, keepdim=True)
+
+
+def _maps(seed: int, sizes: tuple[int, ...] = (16, 4, 9), rows: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(rows, k, generator=g, dtype=torch.float64) ** 3 for k in sizes]
+
+
+def test_map_jsd_matches_scipy_after_normalising() -> None:
+    student, teacher = _maps(1), _maps(2)
+    student[1][0] = 0.0  # an all-zero map is uniform
+    teacher[2][1, :5] = 0.0  # entries at the floor next to mass in the other map
+    student[0][2] = 3 * teacher[0][2]  # proportional maps: JSD 0
+    got = map_js_divergences(student, teacher)
+    assert got.shape == (3, 3) and got.dtype == torch.float64
+    for j, (s, t) in enumerate(zip(student, teacher, strict=True)):
+        expected = scipy_jsd(_distribution64(s), _distribution64(t))
+        np.testing.assert_allclose(got[:, j].numpy(), expected, rtol=1e-9, atol=1e-15)
+    assert float(got[2, 0]) < 1e-12 and float(got[0, 0]) > 1e-2
+
+
+def test_map_jsd_float32_matches_the_reference_composition() -> None:
+    student = [m.float() for m in _maps(3, (1024, 256, 64, 16), rows=4)]
+    teacher = [m.float() for m in _maps(4, (1024, 256, 64, 16), rows=4)]
+    teacher[3] = student[3] * (1 + 1e-4)  # nearly equal maps stay accurate and >= 0
+    got = map_js_divergences(student, teacher)
+    reference = torch.stack(
+        [
+            js_divergence(to_distribution(s), to_distribution(t))
+            for s, t in zip(student, teacher, strict=True)
+        ],
+        dim=1,
+    )
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-9)
+    exact = [
+        scipy_jsd(_distribution64(s.double()), _distribution64(t.double()))
+        for s, t in zip(student, teacher, strict=True)
+    ]
+    np.testing.assert_allclose(got[:, 3].numpy(), exact[3], rtol=1e-2, atol=1e-14)
+    assert float(got.min()) >= 0.0
+
+
+def test_map_jsd_gradient_equals_autograd_of_the_composition() -> None:
+    student = [m.requires_grad_() for m in _maps(5)]
+    teacher = [m.requires_grad_() for m in _maps(6)]
+    weights = torch.randn(3, 3, dtype=torch.float64)
+    inputs = (*student, *teacher)
+    got = torch.autograd.grad((map_js_divergences(student, teacher) * weights).sum(), inputs)
+    reference = torch.stack(
+        [
+            js_divergence(_distribution64(s), _distribution64(t))
+            for s, t in zip(student, teacher, strict=True)
+        ],
+        dim=1,
+    )
+    expected = torch.autograd.grad((reference * weights).sum(), inputs)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-14)
+        assert float(g.abs().max()) > 1e-3
+    # finite differences need entries well above their step (log curvature ~ 1 / m)
+    away = [(m.detach() + 0.05).requires_grad_() for m in inputs]
+    assert torch.autograd.gradcheck(lambda *m: map_js_divergences(m[:3], m[3:]), away)
+
+
+def test_map_jsd_constant_teacher_gets_no_gradient_and_half_is_upcast() -> None:
+    student = [m.half().requires_grad_() for m in _maps(7)]
+    teacher = [m.half() for m in _maps(8)]
+    out = map_js_divergences(student, teacher)
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert all(s.grad is not None and s.grad.dtype == torch.float16 for s in student)
+    assert all(t.grad is None for t in teacher)
+
+
+def test_map_jsd_rejects_mismatched_maps() -> None:
+    s, t = _maps(9), _maps(10)
+    with pytest.raises(ValueError, match=r"layer 1 has student \(3, 4\) and teacher \(3, 5\)"):
+        map_js_divergences(s, [t[0], torch.rand(3, 5, dtype=torch.float64), t[2]])
+    with pytest.raises(ValueError, match="one teacher map per student map"):
+        map_js_divergences(s, t[:2])

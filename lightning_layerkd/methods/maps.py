@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_layerkd.derivatives import MapKind, compute_maps, constant_map_layers
-from lightning_layerkd.divergence import js_divergence
+from lightning_layerkd.divergence import map_js_divergences
 from lightning_layerkd.layers import conversion_conv
 from lightning_layerkd.maps import (
     WEIGHT_ALIGNMENTS,
@@ -26,7 +26,6 @@ from lightning_layerkd.maps import (
     Wrt,
     default_target,
     match_maps,
-    to_distribution,
 )
 from lightning_layerkd.methods.base import (
     DistillationMethod,
@@ -123,7 +122,7 @@ class MapMethod(DistillationMethod):
                         rank_zero_warn(self._zero_map_message(role, path))
         align = self._weight_alignment()
         pairs = zip(nets.layer_names, student_maps, teacher_maps, strict=True)
-        maps = {name: match_maps(s, t.detach(), align) for name, s, t in pairs}
+        maps = {name: match_maps(s, _constant(t), align) for name, s, t in pairs}
         return logits, teacher_logits.detach(), maps
 
     def _zero_map_message(self, role: str, path: str) -> str:
@@ -141,11 +140,22 @@ class MapMethod(DistillationMethod):
         JSD per batch, repeated for each sample so that every entry counts once per sample
         (docs/design.md section 5)."""
         logits, teacher_logits, maps = self.layer_maps(nets, x, y, create_graph=create_graph)
-        divergences = {}
-        for name, (s, t) in maps.items():
-            jsd = js_divergence(to_distribution(s), to_distribution(t))
-            divergences[name] = jsd.expand(x.shape[0]) if jsd.numel() == 1 else jsd
-        map_loss = sum((d.mean() for d in divergences.values()), x.new_zeros(()))
+        # One fused JSD for all layers with the same number of rows (per-sample maps have B,
+        # weight maps one); usually that is every layer.
+        by_rows: dict[int, list[str]] = {}
+        for name, (s, _) in maps.items():
+            by_rows.setdefault(s.shape[0], []).append(name)
+        divergences: dict[str, Tensor] = {}
+        map_loss = None
+        for rows, names in by_rows.items():
+            jsd = map_js_divergences([maps[n][0] for n in names], [maps[n][1] for n in names])
+            loss = jsd.mean(dim=0).sum()  # sum_j mean_i JSD_ij
+            map_loss = loss if map_loss is None else map_loss + loss
+            if rows == 1:
+                jsd = jsd.expand(x.shape[0], -1)
+            divergences.update(zip(names, jsd.unbind(dim=1), strict=True))
+        assert map_loss is not None
+        divergences = {name: divergences[name] for name in maps}  # the layers' order
         return MethodOutput(
             logits, teacher_logits, divergences, {"map_loss": self.map_weight * map_loss}
         )
@@ -297,6 +307,10 @@ class HessianMaps(_DerivativeMaps):
         if self.teacher_probes is not None:
             return self.teacher_probes
         return 4 if self.wrt == "weight" else 1
+
+
+def _constant(t: Tensor) -> Tensor:
+    return t.detach() if t.requires_grad else t  # a detach is an op of its own
 
 
 def _device_of(model: nn.Module, x: Tensor) -> torch.device:
