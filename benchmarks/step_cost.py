@@ -18,6 +18,10 @@ with the optimizer from ``module.configure_optimizers()`` (SGD, momentum 0.9, we
   options on the same four pairs (a configuration that this version of ``DistillationModule``
   rejects is listed as skipped with the error it raised).
 
+``--precision bf16`` runs the forward part of every step (the teacher forward and
+``training_step``) under ``torch.autocast(dtype=torch.bfloat16)``, the backward and the optimizer
+step outside it (what Lightning's ``precision="bf16-mixed"`` does).
+
 Timing: all configurations of one (pair, batch size) are built in this process, each with its
 own copy of the same initial networks; after ``--warmup`` steps each, ``--repeats`` rounds run
 one step of every configuration (the order rotates each round), so a change in machine load
@@ -170,9 +174,18 @@ def make_batch(batch_size: int, device: torch.device, seed: int) -> tuple[Tensor
 
 
 def build_step(
-    config: Config, teacher: nn.Module, student: nn.Module, x: Tensor, y: Tensor
+    config: Config,
+    teacher: nn.Module,
+    student: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    precision: str = "32",
 ) -> Callable[[], None]:
     """A closure that runs one training step of ``config`` on its own copies of the networks.
+
+    ``precision="bf16"`` runs the forward part (the teacher forward and ``training_step``) under
+    ``torch.autocast(dtype=torch.bfloat16)`` and the backward and optimizer step outside it, as
+    Lightning's ``precision="bf16-mixed"`` does.
 
     Raises:
         Skipped: if ``DistillationModule`` rejects the method (not implemented yet).
@@ -195,12 +208,14 @@ def build_step(
     optimizer = optimizers["optimizer"] if isinstance(optimizers, dict) else optimizers
     floor_teacher = teacher if config.floor else None
     batch = (x, y)
+    bf16 = precision == "bf16"
 
     def step() -> None:
-        if floor_teacher is not None:
-            with torch.no_grad():
-                floor_teacher(x)
-        loss = module.training_step(batch, 0)["loss"]
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            if floor_teacher is not None:
+                with torch.no_grad():
+                    floor_teacher(x)
+            loss = module.training_step(batch, 0)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -270,7 +285,7 @@ def time_cell(
     skipped: dict[str, str] = {}
     for name in configs:
         try:
-            steps[name] = build_step(CONFIGS[name], teacher, student, x, y)
+            steps[name] = build_step(CONFIGS[name], teacher, student, x, y, args.precision)
         except Skipped as err:
             skipped[name] = str(err).splitlines()[0]
     for step in steps.values():
@@ -340,7 +355,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     teacher, student = make_networks(pair, device, args.seed)
     x, y = make_batch(batch_size, device, args.seed)
     try:
-        step = build_step(CONFIGS[args.one], teacher, student, x, y)
+        step = build_step(CONFIGS[args.one], teacher, student, x, y, args.precision)
     except Skipped as err:
         return {"skipped": str(err).splitlines()[0]}
     gc.collect()
@@ -386,6 +401,8 @@ def measure_memory(
         args.device,
         "--seed",
         str(args.seed),
+        "--precision",
+        args.precision,
     ]
     if args.threads is not None:
         cmd += ["--threads", str(args.threads)]
@@ -578,6 +595,12 @@ def markdown(result: dict[str, Any]) -> str:
         f"{info['cpu_count']} CPUs; load average at start {info['load_average_start']}",
         f"- {settings['repeats']} timed rounds after {settings['warmup']} warm-up steps per "
         "configuration, interleaved; median and interquartile range of single steps",
+        f"- precision: {settings.get('precision', '32')}"
+        + (
+            " (forward under torch.autocast, bfloat16)"
+            if settings.get("precision") == "bf16"
+            else ""
+        ),
         f"- memory: {result['memory_method']}",
         f"- {result['ops_definition']}",
         "",
@@ -678,6 +701,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--precision",
+        choices=["32", "bf16"],
+        default="32",
+        help="bf16: the forward under torch.autocast(dtype=torch.bfloat16)",
+    )
     parser.add_argument("--memory", choices=["subprocess", "none"], default="subprocess")
     parser.add_argument(
         "--ops",
