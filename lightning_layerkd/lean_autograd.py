@@ -47,7 +47,8 @@ class LeanAutograd(TorchFunctionMode):
     * Convolution: PyTorch's JVP is ``conv(x_t, W) + conv(x, W_t)`` with an absent tangent filled
       by zeros, so every layer pays three convolutions where one or two do (the frozen layers'
       ``conv(x, 0)``, the first probed layer's ``conv(0, W)``). Here each term runs only when its
-      tangent exists.
+      tangent exists, in the ``jvp`` of one autograd node that takes the dual inputs itself: no
+      tangent is unpacked or packed (four ops per layer) and the output is no view.
     * Batch norm: its input Jacobian is symmetric, so the tangent of the output is batch norm's
       own backward kernel applied to the input's tangent: one fused call instead of PyTorch's
       composite formula (about four times the cost). The output is a fresh tensor, not a view,
@@ -95,8 +96,11 @@ class LeanAutograd(TorchFunctionMode):
         if self.double_backward and func in _TWICE_DIFFERENTIABLE:
             return _TWICE_DIFFERENTIABLE[func](*args, **kwargs)
         if func in CONVOLUTIONS and not kwargs and len(args) >= 2:
-            conv = partial(native_convolution, func, owner=self) if self.double_backward else func
-            return convolution_jvp(conv, *args) if self.tangents else conv(*args)
+            if self.tangents:
+                return convolution_jvp(func, *args, closed_form=self.double_backward, owner=self)
+            return (
+                native_convolution(func, *args, owner=self) if self.double_backward else func(*args)
+            )
         if func is F.batch_norm and self.tangents:  # dispatched as (input, mean, var) + keywords
             bound = _BATCH_NORM_SIGNATURE.bind(*args, **kwargs)
             bound.apply_defaults()

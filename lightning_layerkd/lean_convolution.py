@@ -1,11 +1,12 @@
 """Convolutions for the derivative-map passes: a convolution whose double backward runs
 native kernels (:func:`native_convolution`) and a forward-mode rule that skips absent tangents
-(:func:`convolution_jvp`); both are routed by
+(:func:`convolution_jvp`), both in one autograd node; both are routed by
 :class:`~lightning_layerkd.lean_autograd.LeanAutograd`, whose instance says which leaves a
 backward must compute (:func:`gradient_needed`)."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -47,7 +48,7 @@ def native_convolution(
     ):
         return func(x, weight, bias, stride, padding, dilation, groups)
     params = tuple(_ntuple(v, nd) for v in (stride, padding, dilation))
-    return _Convolution.apply(x, weight, bias, *params, groups, owner)
+    return _Convolution.apply(x, weight, bias, *params, groups, True, owner)
 
 
 def gradient_needed(ctx: Any, index: int) -> bool:
@@ -80,8 +81,10 @@ def _ntuple(value: Any, n: int) -> list[int]:
 
 
 class _Convolution(torch.autograd.Function):
-    """A convolution whose backward, :class:`_ConvolutionBackward`, is itself differentiable
-    through native kernels (used where the gradient is backpropagated again)."""
+    """A convolution with our reverse and forward-mode rules. With ``closed_form`` (a gradient
+    that is differentiated again) its backward is :class:`_ConvolutionBackward`, whose own
+    backward runs native kernels; otherwise the native backward kernel (which PyTorch can
+    differentiate). ``jvp`` runs only the terms whose tangent exists."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -93,26 +96,73 @@ class _Convolution(torch.autograd.Function):
         padding: list[int],
         dilation: list[int],
         groups: int,
+        closed_form: bool,
         owner: LeanAutograd | None,
     ) -> Tensor:
+        ctx.set_materialize_grads(False)  # absent tangents stay None in jvp
         ctx.save_for_backward(x, weight)
-        ctx.owner = owner
+        ctx.save_for_forward(x, weight)
+        ctx.owner, ctx.closed_form = owner, closed_form
         ctx.params = (stride, padding, dilation, groups, bias is not None)
         ctx.input_ids = (id(x), id(weight), None if bias is None else id(bias))
-        return torch.ops.aten.convolution(
+        out = torch.ops.aten.convolution(
             x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups
         )
+        ctx.out_shape = out.shape
+        return out
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_out: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        nones = (None,) * 6
+        if grad_out is None:
+            return (None, None, None, *nones)
         x, weight = ctx.saved_tensors
         mask = (
             gradient_needed(ctx, 0),
             gradient_needed(ctx, 1),
             ctx.params[4] and gradient_needed(ctx, 2),
         )
-        grads = _ConvolutionBackward.apply(grad_out, x, weight, ctx.params, mask, ctx.owner)
-        return (*grads, None, None, None, None, None)
+        if ctx.closed_form:
+            grads = _ConvolutionBackward.apply(grad_out, x, weight, ctx.params, mask, ctx.owner)
+            return (*grads, *nones)
+        if not any(mask):
+            return (None, None, None, *nones)
+        stride, padding, dilation, groups, _ = ctx.params
+        grads = torch.ops.aten.convolution_backward(
+            grad_out, x, weight, [weight.shape[0]] if mask[2] else None, stride, padding,
+            dilation, False, [0] * len(stride), groups, list(mask),
+        )  # fmt: skip
+        return (*(g if m else None for g, m in zip(grads, mask, strict=True)), *nones)
+
+    @staticmethod
+    def jvp(  # type: ignore[override]
+        ctx: Any, x_t: Tensor | None, w_t: Tensor | None, b_t: Tensor | None, *_: Any
+    ) -> Tensor | None:
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups, _ = ctx.params
+        terms = []
+        for a, b in ((x_t, weight), (x, w_t)):
+            if a is not None and b is not None:
+                if ctx.closed_form:
+                    term = _Convolution.apply(
+                        a, b, None, stride, padding, dilation, groups, True, ctx.owner
+                    )
+                else:
+                    term = torch.ops.aten.convolution(
+                        a, b, None, stride, padding, dilation, False, [0] * len(stride), groups
+                    )
+                terms.append(term)
+        if b_t is not None:
+            shape = [1, -1] + [1] * len(stride)
+            terms.append(b_t.view(shape) if terms else b_t.view(shape).expand(ctx.out_shape))
+        if not terms:
+            return None
+        tangent = terms[0]
+        for term in terms[1:]:
+            tangent = tangent + term
+        return tangent
 
 
 class _ConvolutionBackward(torch.autograd.Function):
@@ -182,6 +232,31 @@ class _ConvolutionBackward(torch.autograd.Function):
 
 
 def convolution_jvp(
+    func: Any,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: Any = 1,
+    padding: Any = 0,
+    dilation: Any = 1,
+    groups: int = 1,
+    *,
+    closed_form: bool = False,
+    owner: LeanAutograd | None = None,
+) -> Tensor:
+    """``func`` (a ``torch.nn.functional`` convolution) whose forward-mode rule skips absent
+    tangents: through :class:`_Convolution` (closed-form double backward with ``closed_form``),
+    which takes dual inputs itself, so no tangent is unpacked or packed here and the output is no
+    view; otherwise (string padding, unbatched input, autocast) by unpacking the tangents."""
+    nd = CONVOLUTIONS.index(func) + 1
+    if isinstance(padding, str) or x.dim() != nd + 2 or torch.is_autocast_enabled(x.device.type):
+        conv = partial(native_convolution, func, owner=owner) if closed_form else func
+        return _unpacked_jvp(conv, x, weight, bias, stride, padding, dilation, groups)
+    params = tuple(_ntuple(v, nd) for v in (stride, padding, dilation))
+    return _Convolution.apply(x, weight, bias, *params, groups, closed_form, owner)
+
+
+def _unpacked_jvp(
     func: Any, x: Tensor, weight: Tensor, bias: Tensor | None = None, *rest: Any
 ) -> Tensor:
     x_p, x_t = fwAD.unpack_dual(x)

@@ -5,6 +5,9 @@ kernels (``native_batch_norm_backward`` differentiated by ``batchnorm_double_bac
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from functools import partial
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -74,14 +77,14 @@ def _node_names(t: Tensor) -> set[str]:
     return names
 
 
-def _hessian_like(bn, inputs: list[Tensor]) -> list[Tensor | None]:
-    """What a Hessian-map step does with batch norm: ``hv`` = a gradient of the primal with the
+def _hessian_like(layer, inputs: list[Tensor]) -> list[Tensor | None]:
+    """What a Hessian-map step does with a layer: ``hv`` = a gradient of the primal with the
     tangent in its output gradient (create_graph), a loss on ``v * hv`` and on the tangent, and
     that loss's gradient w.r.t. everything."""
     x = inputs[0]
-    primal, tangent = bn(*inputs)
-    curvature = tangent * torch.linspace(0.5, 1.5, tangent.numel(), dtype=x.dtype).view_as(x)
-    (hv,) = torch.autograd.grad(primal, [x], curvature, create_graph=True)
+    primal, tangent = layer(*inputs)
+    scale = torch.linspace(0.5, 1.5, tangent.numel(), dtype=x.dtype).view_as(tangent)
+    (hv,) = torch.autograd.grad(primal, [x], tangent * scale, create_graph=True)
     v = torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(7)) * 2.0 - 1
     loss = (v * hv).square().sum() + (tangent * primal).sum() + primal.square().sum()
     grads = torch.autograd.grad(loss, inputs, allow_unused=True)
@@ -192,4 +195,48 @@ def test_student_hessian_map_and_its_gradient_match_pytorch_kernels(wrt: str, mo
     monkeypatch.setattr(lean_autograd, "batch_norm_jvp", lambda *args, owner=None: original(*args))
     expected = run(_cnn(0))
     for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("double_backward", [False, True])
+@pytest.mark.parametrize(
+    ("dual_x", "dual_w", "dual_b"),
+    [(True, False, False), (False, True, False), (False, False, True), (True, True, True)],
+)
+def test_convolution_hessian_pass_matches_pytorch(
+    dual_x: bool, dual_w: bool, dual_b: bool, double_backward: bool
+) -> None:
+    """The convolution recorded with its own forward-mode rule (dual inputs into one node, no
+    unpacking): primal, tangent, ``hv`` and the map loss's gradients as with PyTorch's own JVP
+    (strided, padded, grouped, biased); the output is no view."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, 7, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 2, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
+    tangents = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in (x, w, b)]
+    tangents = [t.requires_grad_(True) for t in tangents]
+    flags = (dual_x, dual_w, dual_b)
+
+    def conv(mode: bool, x: Tensor, w: Tensor, b: Tensor, *ts: Tensor) -> tuple[Tensor, Tensor]:
+        lean = LeanAutograd(tangents=True, double_backward=double_backward)
+        with fwAD.dual_level(), lean if mode else nullcontext():
+            args = [
+                fwAD.make_dual(p, t) if flag else p
+                for p, t, flag in zip((x, w, b), ts, flags, strict=True)
+            ]
+            out = F.conv2d(*args, 2, (1, 2), 1, 2)
+            assert not mode or not out._is_view()
+            primal, tangent = fwAD.unpack_dual(out)
+        return primal, tangent
+
+    inputs = [x, w, b, *tangents]
+    for mode in (False, True):
+        assert torch.autograd.gradcheck(partial(conv, mode), inputs)
+    expected = _hessian_like(partial(conv, False), inputs)
+    got = _hessian_like(partial(conv, True), inputs)
+    for e, g in zip(expected, got, strict=True):
+        if e is None:
+            assert g is None or torch.count_nonzero(g) == 0
+            continue
+        assert g is not None
         torch.testing.assert_close(g, e)
