@@ -51,8 +51,9 @@ class LeanAutograd(TorchFunctionMode):
       tangent is unpacked or packed (four ops per layer) and the output is no view.
     * Batch norm: its input Jacobian is symmetric, so the tangent of the output is batch norm's
       own backward kernel applied to the input's tangent: one fused call instead of PyTorch's
-      composite formula (about four times the cost). The output is a fresh tensor, not a view,
-      so in-place ops after it stay cheap in reverse mode.
+      composite formula (about four times the cost), in the ``jvp`` of one autograd node that
+      takes the dual input itself. The output is a fresh tensor, not a view, so in-place ops
+      after it stay cheap in reverse mode.
 
     With ``double_backward`` (the student's map pass, whose gradient is backpropagated again):
     convolutions run as :func:`~lightning_layerkd.lean_convolution.native_convolution`, whose
@@ -104,8 +105,7 @@ class LeanAutograd(TorchFunctionMode):
         if func is F.batch_norm and self.tangents:  # dispatched as (input, mean, var) + keywords
             bound = _BATCH_NORM_SIGNATURE.bind(*args, **kwargs)
             bound.apply_defaults()
-            owner = self if self.double_backward else None
-            return batch_norm_jvp(func, *bound.args, owner=owner)
+            return batch_norm_jvp(func, *bound.args, closed_form=self.double_backward, owner=self)
         if func is F.batch_norm and self.double_backward:
             bound = _BATCH_NORM_SIGNATURE.bind(*args, **kwargs)
             bound.apply_defaults()

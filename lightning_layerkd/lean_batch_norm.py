@@ -2,7 +2,7 @@
 closed-form, cheap derivative (:func:`native_batch_norm`, for a gradient that is differentiated
 again) and a forward-mode rule through batch norm's own backward kernel
 (:func:`batch_norm_jvp`, through the same closed-form nodes where its tangent is
-backpropagated); both are routed by
+backpropagated), both in one autograd node; both are routed by
 :class:`~lightning_layerkd.lean_autograd.LeanAutograd`."""
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -48,12 +47,17 @@ def native_batch_norm(
     ):
         return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     F._verify_batch_size(x.size())  # type: ignore[attr-defined]
-    return _BatchNorm.apply(x, weight, bias, running_mean, running_var, momentum, eps, owner)[0]
+    args = (running_mean, running_var, True, momentum, eps, True, owner)
+    return _BatchNorm.apply(x, weight, bias, *args)[0]
 
 
 class _BatchNorm(torch.autograd.Function):
-    """Batch norm with batch statistics whose backward, :class:`_BatchNormBackward`, has a
-    closed-form (cheap) derivative of its own."""
+    """Batch norm with our reverse and forward-mode rules. With ``closed_form`` (batch
+    statistics, a gradient that is differentiated again) its backward is
+    :class:`_BatchNormBackward`, which has a closed-form (cheap) derivative of its own;
+    otherwise the native backward kernel (which PyTorch can differentiate). ``jvp``: the input
+    Jacobian is symmetric, so the tangent is the same backward applied to the input's tangent.
+    The batch statistics come out too, as constants."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -63,19 +67,22 @@ class _BatchNorm(torch.autograd.Function):
         bias: Tensor | None,
         running_mean: Tensor | None,
         running_var: Tensor | None,
+        training: bool,
         momentum: float,
         eps: float,
+        closed_form: bool,
         owner: LeanAutograd | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        ctx.set_materialize_grads(False)
+        ctx.set_materialize_grads(False)  # absent tangents stay None in jvp
         out, mean, invstd = torch.ops.aten.native_batch_norm(
-            x, weight, bias, running_mean, running_var, True, momentum, eps
+            x, weight, bias, running_mean, running_var, training, momentum, eps
         )
-        # the batch statistics come out too, as constants: a tangent rule needs them
         ctx.mark_non_differentiable(mean, invstd)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.owner = owner
-        ctx.eps = eps
+        # eval mode normalises by the running statistics, which its backward reads
+        running = (None, None) if training else (running_mean, running_var)
+        ctx.save_for_backward(x, weight, mean, invstd, *running)
+        ctx.save_for_forward(x, weight, mean, invstd, *running)
+        ctx.owner, ctx.eps, ctx.training, ctx.closed_form = owner, eps, training, closed_form
         ctx.affine = (weight is not None, bias is not None)
         ctx.input_ids = tuple(None if t is None else id(t) for t in (x, weight, bias))
         return out, mean, invstd
@@ -84,18 +91,57 @@ class _BatchNorm(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, grad_out: Tensor | None, *_: Tensor | None
     ) -> tuple[Tensor | None, ...]:
+        nones = (None,) * 7
         if grad_out is None:
-            return (None,) * 8
-        x, weight, mean, invstd = ctx.saved_tensors
+            return (None, None, None, *nones)
+        x, weight, mean, invstd, running_mean, running_var = ctx.saved_tensors
         mask = (
             gradient_needed(ctx, 0),
             ctx.affine[0] and gradient_needed(ctx, 1),
             ctx.affine[1] and gradient_needed(ctx, 2),
         )
-        grads = _BatchNormBackward.apply(
-            grad_out, x, weight, mean, invstd, ctx.eps, mask, ctx.owner
-        )
-        return (*grads, None, None, None, None, None)
+        if ctx.closed_form:
+            grads = _BatchNormBackward.apply(
+                grad_out, x, weight, mean, invstd, ctx.eps, mask, ctx.owner
+            )
+            return (*grads, *nones)
+        if not any(mask):
+            return (None, None, None, *nones)
+        grads = torch.ops.aten.native_batch_norm_backward(
+            grad_out, x, weight, running_mean, running_var, mean, invstd, ctx.training, ctx.eps,
+            list(mask),
+        )  # fmt: skip
+        return (*(g if m else None for g, m in zip(grads, mask, strict=True)), *nones)
+
+    @staticmethod
+    def jvp(  # type: ignore[override]
+        ctx: Any, x_t: Tensor | None, w_t: Tensor | None, b_t: Tensor | None, *_: Any
+    ) -> tuple[Tensor | None, None, None]:
+        x, weight, mean, invstd, running_mean, running_var = ctx.saved_tensors
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        tangent = None
+        if x_t is not None and ctx.closed_form:
+            mask = (True, False, False)
+            tangent = _BatchNormBackward.apply(
+                x_t, x, weight, mean, invstd, ctx.eps, mask, ctx.owner
+            )[0]
+        elif x_t is not None:
+            # in training mode the kernel's derivative follows the batch statistics
+            tangent = torch.ops.aten.native_batch_norm_backward(
+                x_t, x, weight, running_mean, running_var, mean, invstd, ctx.training, ctx.eps,
+                [True, False, False],
+            )[0]  # fmt: skip
+        if w_t is not None:
+            # x normalised, its batch statistics differentiable in x (no map pass gets here)
+            x_hat = F.batch_norm(
+                x, running_mean, running_var, None, None, ctx.training, 0.0, ctx.eps
+            )
+            term = x_hat * w_t.view(shape)
+            tangent = term if tangent is None else tangent + term
+        if b_t is not None:
+            term = b_t.view(shape)
+            tangent = term.expand(x.shape) if tangent is None else tangent + term
+        return tangent, None, None
 
 
 class _BatchNormBackward(torch.autograd.Function):
@@ -211,55 +257,24 @@ def batch_norm_jvp(
     momentum: float,
     eps: float,
     *,
+    closed_form: bool = False,
     owner: LeanAutograd | None = None,
 ) -> Tensor:
-    """``func`` (``F.batch_norm``) on a dual input: the tangent is batch norm's backward kernel
-    applied to the input's tangent (its input Jacobian is symmetric). With ``owner`` (a gradient
-    that is differentiated again) and batch statistics, the primal and the tangent run as
-    :class:`_BatchNorm` and :class:`_BatchNormBackward`, whose reverse is a closed formula
-    rather than PyTorch's composite ``batchnorm_double_backward`` (some 90 ops each)."""
+    """``func`` (``F.batch_norm``) in forward mode through :class:`_BatchNorm`, which takes
+    the dual input itself: the tangent is batch norm's backward applied to the input's tangent,
+    one fused call instead of PyTorch's composite formula; no tangent is unpacked or packed
+    and the output is a fresh tensor, not a view (an in-place ReLU or residual ``+=`` after a
+    view would put a CopySlices node into the map loss's graph). With ``closed_form`` and batch
+    statistics, primal and tangent run through :class:`_BatchNormBackward`, whose reverse is a
+    closed formula rather than PyTorch's composite ``batchnorm_double_backward``."""
     args = (x, running_mean, running_var, weight, bias, training, momentum, eps)
-    x_p, x_t = fwAD.unpack_dual(x)
-    affine_tangent = any(
-        t is not None and fwAD.unpack_dual(t).tangent is not None for t in (weight, bias)
-    )
-    if x_t is None or affine_tangent:
-        return func(*args) if owner is None else native_batch_norm(*args, owner=owner)
     if (
-        owner is not None
-        and training
-        and x.dim() >= 2
-        and torch.is_grad_enabled()
-        and not torch.is_autocast_enabled(x.device.type)
+        x.dim() < 2
+        or (not training and (running_mean is None or running_var is None))
+        or torch.is_autocast_enabled(x.device.type)
     ):
+        return func(*args)
+    if training:
         F._verify_batch_size(x.size())  # type: ignore[attr-defined]
-        primal, mean, invstd = _BatchNorm.apply(
-            x_p, weight, bias, running_mean, running_var, momentum, eps, owner
-        )
-        # dx of batch norm's backward at g = x_t; its backward differentiates the batch
-        # statistics too
-        tangent = _BatchNormBackward.apply(
-            x_t, x_p, weight, mean, invstd, eps, (True, False, False), owner
-        )[0]
-    else:
-        primal, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
-            x_p, weight, bias, running_mean, running_var, training, momentum, eps
-        )
-        # The batch statistics' dependence on x is inside the kernel's double backward.
-        tangent = torch.ops.aten.native_batch_norm_backward(
-            x_t,
-            x_p,
-            weight,
-            running_mean,
-            running_var,
-            save_mean.detach(),
-            save_invstd.detach(),
-            training,
-            eps,
-            [True, False, False],
-        )[0]
-    # ``make_dual`` returns a view of ``primal``; the in-place ReLU or residual ``+=`` that
-    # usually follows batch norm would then put a CopySlices node (a clone of the whole tensor
-    # and an as_strided backward) into the graph of the student's map loss, twice per layer.
-    # One clone here is cheaper (about 10% of a Hessian-map step on the paper's ResNets).
-    return fwAD.make_dual(primal, tangent).clone()
+    rest = (training, momentum, eps, closed_form and training, owner)
+    return _BatchNorm.apply(x, weight, bias, running_mean, running_var, *rest)[0]

@@ -119,6 +119,45 @@ def test_training_batch_norm_hessian_pass_matches_the_formula(
         torch.testing.assert_close(g, e)
 
 
+@pytest.mark.parametrize("double_backward", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_tangents_of_input_weight_and_bias_match_the_formula(
+    training: bool, double_backward: bool
+) -> None:
+    """Tangents on the affine weights too (no map pass has them, the rule takes them): primal,
+    tangent, ``hv`` and the loss's gradients against the formula in plain ops, in training mode
+    (batch statistics) and eval mode (running statistics, unchanged)."""
+    x, x_t, w, b = _inputs((4, 3, 5, 5), affine=True)
+    w_t, b_t = (torch.randn(3, dtype=torch.float64).requires_grad_(True) for _ in range(2))
+    mean, var = _running(3)
+    shape = (1, -1, 1, 1)
+
+    def lean(*t: Tensor) -> tuple[Tensor, Tensor]:
+        with fwAD.dual_level(), LeanAutograd(tangents=True, double_backward=double_backward):
+            duals = [fwAD.make_dual(p, d) for p, d in zip(t[::2], t[1::2], strict=True)]
+            out = F.batch_norm(duals[0], mean, var, duals[1], duals[2], training, MOMENTUM, EPS)
+            return fwAD.unpack_dual(out)
+
+    def by_hand(*t: Tensor) -> tuple[Tensor, Tensor]:
+        x, x_t, w, w_t, b, b_t = t
+        if training:
+            x_hat, t_hat = _by_hand(x, x_t)
+        else:
+            inv = (var + EPS).rsqrt().view(shape)
+            x_hat, t_hat = (x - mean.view(shape)) * inv, x_t * inv
+        out = x_hat * w.view(shape) + b.view(shape)
+        return out, t_hat * w.view(shape) + x_hat * w_t.view(shape) + b_t.view(shape)
+
+    inputs = [x, x_t, w, w_t, b, b_t]
+    expected = _hessian_like(by_hand, inputs)
+    got = _hessian_like(lean, inputs)
+    for e, g in zip(expected, got, strict=True):
+        assert e is not None and g is not None
+        torch.testing.assert_close(g, e)
+    if not training:
+        torch.testing.assert_close(mean, _running(3)[0], rtol=0, atol=0)
+
+
 def _pytorch_kernels(x: Tensor, x_t: Tensor, *affine: Tensor, running: tuple | None = None):
     """The same pass with ``LeanAutograd`` keeping PyTorch's kernels and their derivatives."""
     weight, bias = affine if affine else (None, None)
@@ -169,8 +208,8 @@ def _cnn(seed: int) -> nn.Sequential:
 @pytest.mark.parametrize("wrt", ["activation", "weight"])
 def test_student_hessian_map_and_its_gradient_match_pytorch_kernels(wrt: str, monkeypatch) -> None:
     """A training-mode student's Hessian maps (two layers, two probes), the gradient of a loss on
-    them and the running statistics: the same as with PyTorch's batch-norm kernels in the map
-    pass (the rule before the closed-form nodes), at float64 rounding."""
+    them and the running statistics: the same as with batch norm's native kernels in the map
+    pass, differentiated by PyTorch, at float64 rounding."""
     x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     y = torch.tensor([0, 2, 1, 2])
     layers = ["3", "6"] if wrt == "weight" else ["2", "5"]
@@ -192,7 +231,11 @@ def test_student_hessian_map_and_its_gradient_match_pytorch_kernels(wrt: str, mo
 
     got = run(_cnn(0))
     original = lean_autograd.batch_norm_jvp
-    monkeypatch.setattr(lean_autograd, "batch_norm_jvp", lambda *args, owner=None: original(*args))
+    monkeypatch.setattr(
+        lean_autograd,
+        "batch_norm_jvp",
+        lambda *args, closed_form, owner: original(*args, closed_form=False, owner=owner),
+    )
     expected = run(_cnn(0))
     for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e)
