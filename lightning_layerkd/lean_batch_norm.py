@@ -198,8 +198,9 @@ class _BatchNormBackward(torch.autograd.Function):
         shape = [1, -1] + [1] * (x.dim() - 2)
         m = x.numel() // x.shape[1]
         s = invstd
-        xh = (x - mean.view(shape)) * s.view(shape) if ggg is not None or need_x else x
         d_g = d_x = d_w = None
+        # d_x = const - (a * xh + b * g + c * ggx) / M with per-channel a, b, c and const
+        a = b = c = const = None
         if ggx is not None and (need_g or need_x or need_w):
             stats = need_x or need_w
             dxx, sum_q, sum_ggx = torch.ops.aten.native_batch_norm_backward(
@@ -214,33 +215,36 @@ class _BatchNormBackward(torch.autograd.Function):
                 if need_w:
                     d_w = s * torch.addcmul(p, sum_gxh, sum_q, value=-1 / m)
                 if need_x:
-                    # M * k = gamma * s^2; a = -M * k * (P - 3 * B * Q / M) / M, etc.
+                    # M * k = gamma * s^2; a = M * k * (P - 3 * B * Q / M), etc.
                     mk = s * s if weight is None else weight * s * s
                     a = mk * torch.addcmul(p, sum_gxh, sum_q, value=-3 / m)
                     b = mk * sum_q
                     c = mk * sum_gxh
                     # the centring constant k * (Q * A + B * sum(ggx)) / M
                     const = torch.addcmul(b * sum_g, c, sum_ggx).div_(m * m)
-                    d_x = torch.addcmul(const.view(shape), ggx, c.view(shape), value=-1 / m)
-                    coef_scale = -1 / m
         if ggg is not None:
             if need_g:
+                xh = (x - mean.view(shape)) * s.view(shape)
                 d_g = (
                     xh * ggg.view(shape) if d_g is None else torch.addcmul(d_g, xh, ggg.view(shape))
                 )
             if need_x:
-                # ggg * s * (g - A / M - xh * B / M), scaled to the ggx terms' -1 / M
+                # ggg * s * (g - A / M - xh * B / M), in the same form
                 gs = ggg * s
                 a_g, b_g = gs * sum_gxh, gs * -m
                 const_g = (gs * sum_g).div_(-m)
-                if d_x is None:
-                    a, b, d_x = a_g, b_g, const_g.view(shape).expand_as(x)
-                    coef_scale = -1 / m
+                if a is None or b is None or const is None:
+                    a, b, const = a_g, b_g, const_g
                 else:
-                    a, b, d_x = a + a_g, b + b_g, d_x + const_g.view(shape)
-        if need_x and d_x is not None:
-            d_x = torch.addcmul(d_x, xh, a.view(shape), value=coef_scale)
-            d_x = torch.addcmul(d_x, g, b.view(shape), value=coef_scale)
+                    a, b, const = a + a_g, b + b_g, const + const_g
+        if need_x and a is not None and b is not None and const is not None:
+            # xh = s * (x - mean): the x term takes s, the constant the mean (no whole-tensor xh)
+            a = a * s
+            const = torch.addcmul(const, a, mean, value=1 / m)
+            d_x = torch.addcmul(const.view(shape), x, a.view(shape), value=-1 / m)
+            d_x = torch.addcmul(d_x, g, b.view(shape), value=-1 / m)
+            if c is not None and ggx is not None:
+                d_x = torch.addcmul(d_x, ggx, c.view(shape), value=-1 / m)
         if need_g and ggb is not None:
             d_g = ggb.view(shape).expand_as(g) if d_g is None else d_g + ggb.view(shape)
         return d_g, d_x, d_w, None, None, None, None, None
