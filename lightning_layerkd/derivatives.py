@@ -193,26 +193,28 @@ def compute_maps(
         torch.autocast(x.device.type, enabled=False) if method == "hessian" else nullcontext()
     )
     with torch.enable_grad(), _requires_grad(weights), precision, ComposedAttention():
-        logits, diagonals = _derivative_pass(
+        logits, target, diagonals = _derivative_pass(
             model, x, hooks, method, probe, weights, target, task, create_graph, generator
         )
         if method == "hessian" and num_probes > 1:
             with running_stats_kept(model):
                 for _ in range(num_probes - 1):
-                    _, more = _derivative_pass(
+                    _, _, diagonals = _derivative_pass(
                         model,
                         x,
                         hooks,
                         method,
                         probe,
                         weights,
-                        default_target(logits, task) if target is None else target,
+                        target,
                         task,
                         create_graph,
                         generator,
+                        diagonals,
                     )
-                    diagonals = [a + b for a, b in zip(diagonals, more, strict=True)]
             diagonals = [d / num_probes for d in diagonals]
+    if not create_graph:
+        logits = logits.detach()
 
     maps, layout = [], token_layout(model)
     for d, path in zip(diagonals, hooks.paths, strict=True):
@@ -232,8 +234,10 @@ def _derivative_pass(
     task: Task,
     create_graph: bool,
     generator: torch.Generator | None,
-) -> tuple[Tensor, list[Tensor]]:
-    """Forward once; return logits and the gradients (Jacobian) or probe products (Hessian)."""
+    accumulate: list[Tensor] | None = None,
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Forward once; return logits, the target and the gradients (Jacobian) or probe products
+    (Hessian), the latter added to ``accumulate`` when given (a later probe)."""
     dual = fwAD.dual_level() if probe is not None else nullcontext()
     lean = LeanAutograd(tangents=probe is not None, double_backward=create_graph)
     active = lean if probe is not None or create_graph else nullcontext()
@@ -245,19 +249,25 @@ def _derivative_pass(
         # would also carry the saved tensors' tangents (forward-over-reverse), tripling its cost.
         features = hooks.outputs(recording)
         wrt_tensors = weights if weights else features
-        y = default_target(logits.detach(), task) if target is None else target
+        # (the target is no function of the logits' graph: arg-max or a comparison)
+        y = default_target(logits, task) if target is None else target
         if method == "jacobian":
             s = score(logits, y, task).sum()  # sum_i s_i
             grads = lean.grad(s, wrt_tensors, create_graph=create_graph)
-            return (logits if create_graph else logits.detach()), list(grads)
+            return logits, y, list(grads)
         if tangent is None:
             raise RuntimeError("the forward pass carried no probe tangent to the logits")
         # Gauss-Newton: H v = J^T H_z (J v); J v is the tangent of the logits (forward mode).
-        curvature = score_curvature(logits, tangent, y, task).to(logits.dtype)
+        curvature = score_curvature(logits, tangent, y, task)
+        if curvature.dtype != logits.dtype:
+            curvature = curvature.to(logits.dtype)
         hv = lean.grad(logits, wrt_tensors, grad_outputs=curvature, create_graph=create_graph)
         probes = [p for p in recording.probes if p is not None]
-        diagonals = [v * h for v, h in zip(probes, hv, strict=True)]  # Hutchinson: v * (H v)
-        return (logits if create_graph else logits.detach()), diagonals
+        # Hutchinson: v * (H v); v = +-1, so the product is exact and addcmul adds the same
+        if accumulate is None:
+            return logits, y, [v * h for v, h in zip(probes, hv, strict=True)]
+        terms = zip(accumulate, probes, hv, strict=True)
+        return logits, y, [torch.addcmul(a, v, h) for a, v, h in terms]
 
 
 def _maps_of_layers(
