@@ -96,6 +96,12 @@ class LeanAutograd(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
+        if (func in CONVOLUTIONS or func is F.batch_norm) and (
+            self.tangents or self.double_backward
+        ):
+            device = args[0].device.type if args and isinstance(args[0], Tensor) else None
+            if device is not None and torch.is_autocast_enabled(device):
+                return self._outside_autocast(func, types, args, kwargs, device)
         if self.double_backward and func in _TWICE_DIFFERENTIABLE:
             return _TWICE_DIFFERENTIABLE[func](*args, **kwargs)
         if func in CONVOLUTIONS and not kwargs and len(args) >= 2:
@@ -113,3 +119,27 @@ class LeanAutograd(TorchFunctionMode):
             bound.apply_defaults()
             return native_batch_norm(*bound.args, owner=self)
         return func(*args, **kwargs)
+
+    def _outside_autocast(self, func, types, args, kwargs, device: str):  # type: ignore[no-untyped-def]
+        """Under autocast (``bf16-mixed``): autocast's own casts (a convolution's operands to
+        the autocast dtype; batch norm as it comes, low-precision input with float32
+        statistics), then the rule with autocast off, so that the rule's nodes run the native
+        low-precision kernels in both directions instead of falling back to PyTorch's rules."""
+        if func in CONVOLUTIONS:
+            dtype = _autocast_dtype(device)
+            args = tuple(
+                a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() and a.dtype != dtype
+                else a
+                for a in args
+            )  # fmt: skip
+        with torch.autocast(device, enabled=False):
+            return self.__torch_function__(func, types, args, kwargs)
+
+
+def _autocast_dtype(device: str) -> torch.dtype:
+    getter = getattr(torch, "get_autocast_dtype", None)  # torch >= 2.4
+    if getter is not None:
+        return getter(device)  # type: ignore[no-any-return]
+    if device == "cpu":
+        return torch.get_autocast_cpu_dtype()
+    return torch.get_autocast_gpu_dtype()

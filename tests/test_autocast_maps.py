@@ -1,0 +1,94 @@
+"""Derivative maps under bf16 autocast (``precision="bf16-mixed"``): the student's Jacobian pass
+keeps the cheap rules of ``LeanAutograd`` (native low-precision kernels, closed-form double
+backward) and gives the maps and map-loss gradients of PyTorch's own rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lightning_layerkd.derivatives import compute_maps
+from lightning_layerkd.hooks import FeatureHooks
+from lightning_layerkd.lean_autograd import LeanAutograd
+from lightning_layerkd.models import resnet
+
+
+def _graph_nodes(t: Tensor) -> set[str]:
+    seen, stack, names = set(), [t.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def _maps_and_gradient(wrt: str, lean: bool) -> tuple[list[Tensor], list[Tensor], set[str]]:
+    torch.manual_seed(0)
+    model = resnet(10, 10, 8).train()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 32, 32, generator=gen)
+    y = torch.randint(0, 10, (4,), generator=gen)
+    names = ["layer1", "layer2", "layer3"]
+    modules = [model.get_submodule(n) for n in names]
+    if wrt == "weight":
+        modules = [m[-1].conv2 for m in modules]  # type: ignore[index]
+    hooks = FeatureHooks(modules, names)
+    original = LeanAutograd._outside_autocast
+    if not lean:  # PyTorch's own rules under autocast: what the mode did before
+        LeanAutograd._outside_autocast = (  # type: ignore[method-assign]
+            lambda self, func, types, args, kwargs, device: func(*args, **kwargs)
+        )
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, maps = compute_maps(
+                model, x, hooks, method="jacobian", wrt=wrt, target=y, create_graph=True
+            )
+    finally:
+        LeanAutograd._outside_autocast = original  # type: ignore[method-assign]
+        hooks.remove()
+    loss = sum(m.float().square().sum() / m.float().sum().square() for m in maps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    nodes = set().union(*(_graph_nodes(m) for m in maps))
+    return (
+        maps,
+        [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params, strict=True)],
+        nodes,
+    )
+
+
+@pytest.mark.parametrize("wrt", ["activation", "weight"])
+def test_bf16_jacobian_maps_keep_the_lean_rules_and_pytorchs_values(wrt: str) -> None:
+    maps, grads, nodes = _maps_and_gradient(wrt, lean=True)
+    ref_maps, ref_grads, ref_nodes = _maps_and_gradient(wrt, lean=False)
+    # the cheap nodes are in the graph under autocast; PyTorch's composite rules are not
+    assert {"_ConvolutionBackward", "_BatchNormBackward"} <= nodes
+    assert "NativeBatchNormBackwardBackward0" not in nodes
+    assert "NativeBatchNormBackwardBackward0" in ref_nodes
+    for m, ref in zip(maps, ref_maps, strict=True):
+        assert m.dtype == ref.dtype
+        torch.testing.assert_close(
+            m.float(), ref.float(), rtol=2e-2, atol=1e-6 * float(ref.detach().max())
+        )
+    flat = torch.cat([g.flatten().float() for g in grads])
+    ref_flat = torch.cat([g.flatten().float() for g in ref_grads])
+    assert float(ref_flat.norm()) > 0
+    cosine = torch.nn.functional.cosine_similarity(flat, ref_flat, dim=0)
+    assert float(cosine) > 0.99
+    torch.testing.assert_close(flat.norm(), ref_flat.norm(), rtol=5e-2, atol=0.0)
+
+
+def test_convolution_operands_are_cast_like_autocast() -> None:
+    conv = nn.Conv2d(3, 4, 3)
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = conv(x)
+        with LeanAutograd(tangents=False, double_backward=True):
+            got = conv(x)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    assert type(got.grad_fn).__name__ == "_ConvolutionBackward"
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
