@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -35,6 +36,7 @@ from lightning_layerkd.maps import (
     score_curvature,
     token_layout,
 )
+from lightning_layerkd.probes import batchable, batched_probe_pass, plan_key
 
 __all__ = [
     "MAP_KINDS",
@@ -159,6 +161,10 @@ def compute_maps(
     ``create_graph=True`` keeps the graph so that a loss on the maps trains the model (the
     student); with ``False`` the maps and logits are constants (the teacher).
     ``target`` is the label (or the teacher's class); ``None`` uses the model's own arg-max.
+    Hessian probes of a model in eval mode without a graph (the teacher) share one pass over
+    the batch repeated ``num_probes`` times, with ``num_probes`` times the activation memory
+    (:mod:`lightning_layerkd.probes`); the first call for an input layout runs one probe alone to
+    plan the draws. Otherwise each probe is a pass of its own.
     """
     if method not in MAP_KINDS:
         raise ValueError(f"method must be one of {list(MAP_KINDS)}, got {method!r}")
@@ -192,26 +198,29 @@ def compute_maps(
     precision = (
         torch.autocast(x.device.type, enabled=False) if method == "hessian" else nullcontext()
     )
+    # The teacher's probes share one pass over a repeated batch (lightning_layerkd.probes),
+    # once a first pass has planned their draws for this input layout.
+    batched = num_probes > 1 and batchable(model, hooks, probe, create_graph)  # no probe: no
+    key = plan_key(x, probe) if batched else None
+    passes = partial(_derivative_pass, model, x, hooks, method, probe, weights)
     with torch.enable_grad(), _requires_grad(weights), precision, ComposedAttention():
-        logits, target, diagonals = _derivative_pass(
-            model, x, hooks, method, probe, weights, target, task, create_graph, generator
-        )
+        if batched and probe is not None and getattr(hooks.probe_plan, "key", None) == key:
+            logits, target, diagonals = batched_probe_pass(
+                model, x, hooks, probe, target, task, num_probes, generator
+            )
+        else:
+            logits, target, diagonals = passes(target, task, create_graph, generator, plan=key)
+            if batched and probe is not None:  # the other probes, as the first pass planned
+                _, _, diagonals = batched_probe_pass(
+                    model, x, hooks, probe, target, task, num_probes - 1, generator, diagonals
+                )
+            elif method == "hessian" and num_probes > 1:
+                with running_stats_kept(model):
+                    for _ in range(num_probes - 1):
+                        _, _, diagonals = passes(
+                            target, task, create_graph, generator, accumulate=diagonals
+                        )
         if method == "hessian" and num_probes > 1:
-            with running_stats_kept(model):
-                for _ in range(num_probes - 1):
-                    _, _, diagonals = _derivative_pass(
-                        model,
-                        x,
-                        hooks,
-                        method,
-                        probe,
-                        weights,
-                        target,
-                        task,
-                        create_graph,
-                        generator,
-                        diagonals,
-                    )
             diagonals = [d / num_probes for d in diagonals]
     if not create_graph:
         logits = logits.detach()
@@ -235,13 +244,15 @@ def _derivative_pass(
     create_graph: bool,
     generator: torch.Generator | None,
     accumulate: list[Tensor] | None = None,
+    plan: object = None,
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Forward once; return logits, the target and the gradients (Jacobian) or probe products
-    (Hessian), the latter added to ``accumulate`` when given (a later probe)."""
+    (Hessian), the latter added to ``accumulate`` when given (a later probe). A ``plan`` key
+    keeps the probe draws for :func:`~lightning_layerkd.probes.batched_probe_pass`."""
     dual = fwAD.dual_level() if probe is not None else nullcontext()
     lean = LeanAutograd(tangents=probe is not None, double_backward=create_graph)
     active = lean if probe is not None or create_graph else nullcontext()
-    with hooks.record(probe, generator) as recording:
+    with hooks.record(probe, generator, plan=plan) as recording:
         with dual, active:
             out = model(x)
             logits, tangent = fwAD.unpack_dual(out) if probe is not None else (out, None)
