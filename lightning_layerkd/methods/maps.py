@@ -262,7 +262,9 @@ class HessianMaps(_DerivativeMaps):
 
     Args:
         num_probes: Hutchinson probes per step for the student's maps.
-        teacher_probes: probes per step for the teacher's maps (no graph, so cheaper).
+        teacher_probes: probes per step for the teacher's maps (no graph, so cheaper; a
+            teacher in eval mode runs them all in one pass over the batch repeated that many
+            times, which holds as many times its activations).
             ``None``: 4 for ``wrt="weight"`` (lifts the signal-to-noise ratio on the benchmark
             pair from 2.8 to 4.6) and 1 for ``"activation"`` (5.5 at one probe, no gain from
             more); ``benchmarks/RESULTS.md``.
