@@ -28,6 +28,20 @@ NUM_CLASSES = 10
 TINY_LAYERS = [("0", "0"), ("1", "1")]
 
 
+def autograd_node_names(*tensors: torch.Tensor) -> set[str]:
+    """The names of every autograd node in the graphs of ``tensors`` (which rules ran)."""
+    names: set[str] = set()
+    stack, seen = [t.grad_fn for t in tensors], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(node.name())
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
 def make_tiny_cnn(width: int = 4, num_classes: int = NUM_CLASSES) -> nn.Sequential:
     """A two-stage CNN for ``3 x 8 x 8`` images.
 

@@ -6,24 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import autograd_node_names
 from torch import Tensor, nn
 
 from lightning_layerkd.derivatives import compute_maps
 from lightning_layerkd.hooks import FeatureHooks
 from lightning_layerkd.lean_autograd import LeanAutograd
 from lightning_layerkd.models import resnet
-
-
-def _graph_nodes(t: Tensor) -> set[str]:
-    seen, stack, names = set(), [t.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.add(type(node).__name__)
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return names
 
 
 def _maps_and_gradient(wrt: str, lean: bool) -> tuple[list[Tensor], list[Tensor], set[str]]:
@@ -53,7 +42,7 @@ def _maps_and_gradient(wrt: str, lean: bool) -> tuple[list[Tensor], list[Tensor]
     loss = sum(m.float().square().sum() / m.float().sum().square() for m in maps)
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    nodes = set().union(*(_graph_nodes(m) for m in maps))
+    nodes = autograd_node_names(*maps)
     return (
         maps,
         [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params, strict=True)],

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+from conftest import autograd_node_names
 from torch import Tensor, nn
 
 import lightning_layerkd.lean_autograd as lean_autograd
@@ -65,18 +66,6 @@ def _by_hand(x: Tensor, x_t: Tensor, *affine: Tensor) -> tuple[Tensor, Tensor]:
     return xh * w + b, t * w
 
 
-def _node_names(t: Tensor) -> set[str]:
-    names, stack, seen = set(), [t.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.add(node.name())
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return names
-
-
 def _hessian_like(layer, inputs: list[Tensor]) -> list[Tensor | None]:
     """What a Hessian-map step does with a layer: ``hv`` = a gradient of the primal with the
     tangent in its output gradient (create_graph), a loss on ``v * hv`` and on the tangent, and
@@ -109,7 +98,7 @@ def test_training_batch_norm_hessian_pass_matches_the_formula(
     derivatives are autograd's own); the reverse graph runs the closed-form nodes."""
     inputs = _inputs(shape, affine)
     primal, tangent = _lean(*inputs)
-    names = _node_names(primal) | _node_names(tangent)
+    names = autograd_node_names(primal, tangent)
     assert {"_BatchNormBackward", "_BatchNormBackwardBackward"} <= names, names
     assert not any(name.startswith("NativeBatchNorm") for name in names), names
     expected = _hessian_like(_by_hand, inputs)

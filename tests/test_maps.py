@@ -17,6 +17,7 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import autograd_node_names
 from torch import Tensor, nn
 from torch.autograd.functional import hessian, jacobian
 from torch.func import functional_call
@@ -647,15 +648,7 @@ def test_lean_batch_norm_output_takes_in_place_ops_without_copy_slices():
             out = F.relu(F.batch_norm(fwAD.make_dual(x, x_t), None, None, training=True), inplace)
             primal, tangent = fwAD.unpack_dual(out)
         loss = tangent.square().sum() + primal.sum()
-        names, stack, seen = set(), [loss.grad_fn], set()
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            names.add(node.name())
-            stack.extend(next_node for next_node, _ in node.next_functions)
-        return names, torch.autograd.grad(loss, x)[0]
+        return autograd_node_names(loss), torch.autograd.grad(loss, x)[0]
 
     names, grad = run(inplace=True)
     assert not any("CopySlices" in name for name in names), sorted(names)
