@@ -1,17 +1,27 @@
-"""Derivative maps under bf16 autocast (``precision="bf16-mixed"``): the student's Jacobian pass
-keeps the cheap rules of ``LeanAutograd`` (native low-precision kernels, closed-form double
-backward) and gives the maps and map-loss gradients of PyTorch's own rules."""
+"""Maps under bf16 autocast (``precision="bf16-mixed"``): the student's Jacobian pass keeps the
+cheap rules of ``LeanAutograd`` (native low-precision kernels, closed-form double backward) and
+gives the maps and map-loss gradients of PyTorch's own rules; every map method trains."""
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import autograd_node_names
+from conftest import (
+    NUM_CLASSES,
+    TINY_LAYERS,
+    autograd_node_names,
+    make_random_loader,
+    make_tiny_cnn,
+    make_trainer_kwargs,
+)
 from torch import Tensor, nn
 
+from lightning_layerkd import DistillationModule, LayerwiseLRCallback
 from lightning_layerkd.derivatives import compute_maps
 from lightning_layerkd.hooks import FeatureHooks
 from lightning_layerkd.lean_autograd import LeanAutograd
+from lightning_layerkd.methods import AttentionMaps, HessianMaps, JacobianMaps
 from lightning_layerkd.models import resnet
 
 
@@ -81,3 +91,34 @@ def test_convolution_operands_are_cast_like_autocast() -> None:
     assert got.dtype == expected.dtype == torch.bfloat16
     assert type(got.grad_fn).__name__ == "_ConvolutionBackward"
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        AttentionMaps(),
+        JacobianMaps(),
+        JacobianMaps(wrt="weight"),
+        HessianMaps(),
+        HessianMaps(wrt="weight"),
+    ],
+    ids=["attention", "jacobian", "jacobian-weight", "hessian", "hessian-weight"],
+)
+def test_every_map_method_trains_in_a_bf16_mixed_fit(tmp_path, method) -> None:
+    torch.manual_seed(0)
+    teacher, student = make_tiny_cnn(width=8).eval(), make_tiny_cnn(width=4)
+    module = DistillationModule(
+        teacher, student, method=method, layers=TINY_LAYERS, num_classes=NUM_CLASSES
+    )
+    before = [p.detach().clone() for p in student.parameters()]
+    trainer = pl.Trainer(
+        **make_trainer_kwargs(tmp_path, max_epochs=2, precision="bf16-mixed"),
+        callbacks=[LayerwiseLRCallback(every_n_epochs=1)],
+    )
+    trainer.fit(module, make_random_loader(16, batch_size=8))
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"]) and float(metrics["train/map_loss"]) > 0
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+    assert all(not torch.equal(a, p) for a, p in zip(before, student.parameters(), strict=True))
+    rates = {g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups}
+    assert rates["0"] != rates["base"]  # the layer-wise rule acted on the divergences
