@@ -31,7 +31,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_cost import count_aten_ops  # the same op definition as the step table
 
 from lightning_layerkd.lean_autograd import LeanAutograd
 
@@ -73,22 +75,6 @@ def build(batch: int, shape: tuple[int, int, int]) -> dict[str, Callable[[], Non
     }
 
 
-def top_level_ops(fn: Callable[[], None]) -> int:
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    events = [e for e in prof.events() if e.name.startswith("aten::")]
-
-    def nested(e) -> bool:  # type: ignore[no-untyped-def]
-        parent = e.cpu_parent
-        while parent is not None:
-            if parent.name.startswith("aten::"):
-                return True
-            parent = parent.cpu_parent
-        return False
-
-    return sum(not nested(e) for e in events)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
@@ -120,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
                     "pass": name,
                     "median_ms": 1e3 * median,
                     "x_backward": median / base,
-                    "aten_ops": top_level_ops(fn),
+                    "aten_ops": count_aten_ops(fn, torch.device("cpu"))["top"],
                 }
             )
     lines = [
