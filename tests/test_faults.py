@@ -149,9 +149,13 @@ def test_a_run_killed_while_the_student_trains_keeps_the_cached_teacher(tmp_path
     assert meta["val_acc"] is not None
     assert all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-    results = complete(args, run_dir, cache)  # the same command, in the same folder
+    # The same command in a new folder: the killed run's folder may already hold last.ckpt
+    # (written right after the epoch checkpoint), which the app refuses to overwrite without
+    # ckpt_path=last; whether it does depends on when the kill lands.
+    rerun = tmp_path / "rerun"
+    results = complete(args, rerun, cache)
     assert results["teacher"]["cached"] is True and results["teacher"]["key"] == meta["key"]
-    assert f"teacher loaded from cache {weights}" in log_path(run_dir).read_text()
+    assert f"teacher loaded from cache {weights}" in log_path(rerun).read_text()
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == digest
     assert [row["epoch"] for row in results["student"]["history"]] == [0, 1, 2, 3]
 
