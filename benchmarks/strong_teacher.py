@@ -1,71 +1,124 @@
 """The strong-teacher benchmark: does distillation (and the layer-wise rule) help a student?
 
-A trained CIFAR-10 teacher (``resnet(18, width=16)``) is distilled into ``resnet(10, width=8)``
-trained on the first ``--train-images`` training images (in the order of the arrays) with crop
-and flip, SGD 0.05 / momentum 0.9 / weight decay 5e-4, batch 128, MultiStepLR x0.1 at 1/2 and
-3/4 of the epochs; the student is scored on the whole test split. One JSON file per
-(configuration, seed) lands in ``--out``; a finished run is skipped, so a grid can be stopped
-and started again. ``--report`` turns the folder into a mean ± std table.
+A trained teacher (``resnet(18, width=16)``) is distilled into ``resnet(10, width=8)`` trained on
+the first ``--train-images`` training images (in the order of the arrays) with crop and flip,
+SGD at ``--lrs`` / momentum 0.9 / weight decay 5e-4, batch 128, MultiStepLR x0.1 at 1/2 and 3/4
+of the epochs; the student is scored on the whole test split. ``--dataset`` picks the
+normalisation, the classes, the teacher and the regime's defaults (``REGIMES``). One JSON file per
+(configuration, learning rate, seed) lands in ``--out``; a finished run is skipped, so a grid can
+be stopped and started again. ``--jobs N`` runs N of them side by side, one thread each (every
+run seeds itself, so the results equal a sequential run's). ``--report`` writes the table.
 
-    python benchmarks/strong_teacher.py --data /tmp/cifar10 --teacher TEACHER.pt \\
-        --out benchmarks/results/strong_teacher --epochs 30 --configs all
-    python benchmarks/strong_teacher.py --report --out benchmarks/results/strong_teacher
-
-``--configs`` takes names from ``CONFIGS`` (or ``all``); seeds are the outer loop, so a grid
-cut short holds whole seeds of its first configurations.
+    python benchmarks/strong_teacher.py --dataset cifar100 --data /tmp/cifar100 \\
+        --out benchmarks/results/strong_teacher/cifar100 --configs student --lrs 0.05 0.1 --jobs 2
+    python benchmarks/strong_teacher.py --report --out benchmarks/results/strong_teacher/cifar100
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from torch.utils.data import DataLoader
 
 from lightning_layerkd import DistillationModule, LayerwiseLRCallback
 from lightning_layerkd.data import ArrayImageDataset, RandomCropFlip
+from lightning_layerkd.lr_rules import named_param_groups, scale_param_group
 from lightning_layerkd.methods import method_class
 from lightning_layerkd.models import resnet
 
-#: The teacher's normalisation (CIFAR-10 train split statistics, [0, 1] scale).
-MEAN = (0.4914, 0.4822, 0.4465)
-STD = (0.2470, 0.2435, 0.2616)
+log = logging.getLogger("strong_teacher")
+INPUTS = Path(__file__).parent / "inputs"  # teachers copied here (ignored by git)
 
 
-def _schedules() -> dict[str, dict[str, Any] | None]:
-    return {
-        "constant": None,
-        "relative-0.5": {"rule": "relative", "power": -0.5},
-        "relative+0.5": {"rule": "relative", "power": 0.5},
-        "paper": {"rule": "paper"},
-    }
+@dataclass(frozen=True)
+class Regime:
+    """What differs between the datasets: normalisation, classes, teacher and the scale."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    num_classes: int
+    train_images: int
+    epochs: int
+    every_n_epochs: int
+
+    def teacher(self, name: str) -> Path:
+        return INPUTS / f"{name}_resnet18_w16.pt"
+
+
+REGIMES = {
+    "cifar10": Regime((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 10, 5000, 10, 2),
+    "cifar100": Regime((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 100, 10000, 15, 3),
+}
+#: Hinton et al.'s weight of the KD term where logit KD is used (T = 4).
+LOGIT_WEIGHT = 1.0
+SENSITIVITY = {"fixed-4,2,0.5,0.25": (4.0, 2.0, 0.5, 0.25), "fixed-0.25,0.5,2,4": (0.25, 0.5, 2.0, 4.0)}
 
 
 def _configs() -> dict[str, dict[str, Any]]:
-    configs: dict[str, dict[str, Any]] = {"student": {"method": "none", "schedule": None}}
-    methods = {
+    """Every configuration by name: a method with its options and what changes its rates."""
+    schedules: dict[str, dict[str, Any]] = {
+        "constant": {},
+        "relative-0.5": {"callback": {"rule": "relative", "power": -0.5}},  # the default rule
+        "relative+0.5": {"callback": {"rule": "relative", "power": 0.5}},
+        "paper": {"callback": {"rule": "paper"}},
+        "relative-2": {"callback": {"rule": "relative", "power": -2.0, "max_factor": 16.0}},
+        "map-weight-0.5": {"callback": {"power": -0.5, "target": "map_weight"}},
+        "map-weight+1": {"callback": {"power": 1.0, "target": "map_weight"}},
+        **{name: {"fixed": factors} for name, factors in SENSITIVITY.items()},
+    }
+    maps = {
         "attention": {"method": "attention"},
+        "attention+logits": {"method": "attention", "logit_weight": LOGIT_WEIGHT},
         "jacobian-activation": {"method": "jacobian", "wrt": "activation"},
         "jacobian-weight": {"method": "jacobian", "wrt": "weight"},
-        "hessian-weight": {"method": "hessian", "wrt": "weight"},
         "hessian-activation": {"method": "hessian", "wrt": "activation"},
+        "hessian-weight": {"method": "hessian", "wrt": "weight"},
     }
-    for method, options in methods.items():
-        for schedule, rule in _schedules().items():
-            configs[f"{method}/{schedule}"] = {**options, "schedule": rule}
+    configs: dict[str, dict[str, Any]] = {
+        "student": {"method": "none"},
+        "logits": {"method": "logits", "logit_weight": LOGIT_WEIGHT},
+        "jacobian_matching": {"method": "jacobian_matching"},
+        "information_flow": {"method": "information_flow", "auxiliary": True},
+    }
+    for method, options in maps.items():
+        for schedule, how in schedules.items():
+            configs[f"{method}/{schedule}"] = {**options, **how}
     return configs
 
 
 CONFIGS = _configs()
+_NOT_OPTIONS = ("method", "callback", "fixed")
+
+
+class FixedFactors(Callback):
+    """Multiply the crucial layers' rates (in the module's layer order) by fixed factors from
+    the first step: the sensitivity rows (no layer-wise callback)."""
+
+    def __init__(self, factors: tuple[float, ...]) -> None:
+        self.factors = factors
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        names = pl_module.layer_names  # type: ignore[attr-defined]
+        if len(names) != len(self.factors):
+            raise ValueError(f"{len(self.factors)} factors for {len(names)} layers {names}")
+        groups = named_param_groups(trainer.optimizers)
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        for name, factor in zip(names, self.factors, strict=True):
+            for optimizer, index in groups[name]:
+                scale_param_group(optimizer, index, schedulers, factor)
 
 
 def load_split(data: Path, split: str, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,37 +141,13 @@ def accuracy(model: torch.nn.Module, loader: DataLoader, device: str = "cpu") ->
     return 100.0 * correct / total
 
 
-def run_one(args: argparse.Namespace, name: str, seed: int, test: DataLoader) -> dict[str, Any]:
-    config = CONFIGS[name]
-    seed_everything(seed, workers=True)
-    images, labels = load_split(args.data, "train", args.train_images)
-    train_set = ArrayImageDataset(images, labels, MEAN, STD, RandomCropFlip(4), seed=seed)
-    train = DataLoader(
-        train_set,
-        batch_size=128,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-    )
-    teacher = None
-    if config["method"] != "none":
-        teacher = resnet(18, num_classes=10, width=16)
-        teacher.load_state_dict(torch.load(args.teacher, weights_only=True))
-    student = resnet(10, num_classes=10, width=8)
-    milestones = [args.epochs // 2, (3 * args.epochs) // 4]
-    options = {k: v for k, v in config.items() if k not in ("method", "schedule")}
-    module = DistillationModule(
-        teacher,
-        student,
-        method=method_class(config["method"])(**options),
-        num_classes=10,
-        optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4),
-        scheduler=partial(torch.optim.lr_scheduler.MultiStepLR, milestones=milestones, gamma=0.1),
-    )
-    callbacks = []
-    if config["schedule"] is not None:
-        callbacks.append(
-            LayerwiseLRCallback(every_n_epochs=args.every_n_epochs, **config["schedule"])
-        )
+def _load_teacher(args: argparse.Namespace, regime: Regime) -> torch.nn.Module:
+    teacher = resnet(18, num_classes=regime.num_classes, width=16)
+    teacher.load_state_dict(torch.load(args.teacher, weights_only=True))
+    return teacher
+
+
+def _fit(args: argparse.Namespace, module: DistillationModule, train: DataLoader, callbacks: list) -> Trainer:
     trainer = Trainer(
         max_epochs=args.epochs,
         accelerator=args.device,
@@ -131,24 +160,70 @@ def run_one(args: argparse.Namespace, name: str, seed: int, test: DataLoader) ->
         num_sanity_val_steps=0,
         callbacks=callbacks,
     )
-    start = time.perf_counter()
     trainer.fit(module, train)
-    seconds = time.perf_counter() - start
-    record: dict[str, Any] = {
-        "config": name,
-        "seed": seed,
-        "test_accuracy": accuracy(student, test, _torch_device(args.device)),
-        "epochs": args.epochs,
-        "train_images": len(train_set),
-        "every_n_epochs": args.every_n_epochs,
-        "layers": [list(p) for p in module.layer_pairs or []],
-        "final_lrs": {g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups},
-        "seconds": seconds,
-        "threads": torch.get_num_threads(),
-        "device": args.device,
-    }
-    if callbacks:
-        record["history"] = callbacks[0].history
+    return trainer
+
+
+def run_one(args: argparse.Namespace, name: str, lr: float, seed: int) -> dict[str, Any]:
+    """Train one student (and information flow's auxiliary network first) and score it."""
+    torch.set_num_threads(args.threads)
+    regime = REGIMES[args.dataset]
+    config = CONFIGS[name]
+    seed_everything(seed, workers=True)
+    images, labels = load_split(args.data, "train", args.train_images)
+    train_set = ArrayImageDataset(images, labels, regime.mean, regime.std, RandomCropFlip(4), seed=seed)
+    train = DataLoader(train_set, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    milestones = [args.epochs // 2, (3 * args.epochs) // 4]
+
+    def module(teacher: torch.nn.Module | None, student: torch.nn.Module, method: Any, layers: Any = "auto") -> DistillationModule:
+        return DistillationModule(
+            teacher,
+            student,
+            method=method,
+            layers=layers,
+            num_classes=regime.num_classes,
+            optimizer=partial(torch.optim.SGD, lr=lr, momentum=0.9, weight_decay=5e-4),
+            scheduler=partial(torch.optim.lr_scheduler.MultiStepLR, milestones=milestones, gamma=0.1),
+        )
+
+    start = time.perf_counter()
+    teacher = None if config["method"] == "none" else _load_teacher(args, regime)
+    options = {k: v for k, v in config.items() if k not in _NOT_OPTIONS}
+    method = method_class(config["method"])(**options)
+    record: dict[str, Any] = {}
+    if options.get("auxiliary"):  # Passalis et al. 3.2: the student at twice the width first
+        auxiliary = resnet(10, num_classes=regime.num_classes, width=16)
+        _fit(args, module(teacher, auxiliary, method, []), train, [])
+        record["auxiliary_test_accuracy"] = accuracy(auxiliary, args.test_loader)
+        teacher = auxiliary.requires_grad_(False)
+        seed_everything(seed, workers=True)
+    student = resnet(10, num_classes=regime.num_classes, width=8)
+    distiller = module(teacher, student, method)
+    callbacks: list[Callback] = []
+    if "callback" in config:
+        callbacks.append(LayerwiseLRCallback(every_n_epochs=args.every_n_epochs, **config["callback"]))
+    if "fixed" in config:
+        callbacks.append(FixedFactors(config["fixed"]))
+    trainer = _fit(args, distiller, train, callbacks)
+    record.update(
+        {
+            "config": name,
+            "dataset": args.dataset,
+            "lr": lr,
+            "seed": seed,
+            "test_accuracy": accuracy(student, args.test_loader, _torch_device(args.device)),
+            "epochs": args.epochs,
+            "train_images": len(train_set),
+            "every_n_epochs": args.every_n_epochs,
+            "layers": [list(p) for p in distiller.layer_pairs or []],
+            "final_lrs": {g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups},
+            "seconds": time.perf_counter() - start,
+            "threads": torch.get_num_threads(),
+            "device": args.device,
+        }
+    )
+    if "callback" in config:
+        record["history"] = callbacks[0].history  # type: ignore[attr-defined]
     return record
 
 
@@ -156,75 +231,104 @@ def _torch_device(accelerator: str) -> str:
     return "cuda" if accelerator in ("gpu", "cuda") else "cpu"
 
 
+def _run_file(out: Path, name: str, lr: float, seed: int) -> Path:
+    return out / f"{name.replace('/', '__')}__lr{lr:g}__seed{seed}.json"
+
+
+def _worker(args: argparse.Namespace, name: str, lr: float, seed: int) -> tuple[str, str]:
+    """One run in a worker process; writes its JSON atomically and returns a log line."""
+    regime = REGIMES[args.dataset]
+    if getattr(args, "test_loader", None) is None:
+        images, labels = load_split(args.data, "test", None)
+        args.test_loader = DataLoader(ArrayImageDataset(images, labels, regime.mean, regime.std), batch_size=500)
+    record = run_one(args, name, lr, seed)
+    path = _run_file(args.out, name, lr, seed)
+    partial_file = path.with_suffix(".json.part")
+    partial_file.write_text(json.dumps(record, indent=1))
+    partial_file.replace(path)
+    return str(path), f"{name} lr {lr:g} seed {seed}: {record['test_accuracy']:.2f}% ({record['seconds']:.0f} s)"
+
+
 def run_grid(args: argparse.Namespace) -> None:
     names = list(CONFIGS) if args.configs == ["all"] else args.configs
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         raise SystemExit(f"unknown configurations {unknown}; choose from {list(CONFIGS)}")
-    torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    images, labels = load_split(args.data, "test", None)
-    test = DataLoader(ArrayImageDataset(images, labels, MEAN, STD), batch_size=500)
+    regime = REGIMES[args.dataset]
     teacher_file = args.out / "teacher.json"
     if not teacher_file.exists():
-        teacher = resnet(18, num_classes=10, width=16)
-        teacher.load_state_dict(torch.load(args.teacher, weights_only=True))
-        acc = accuracy(teacher, test, _torch_device(args.device))
-        teacher_file.write_text(json.dumps({"test_accuracy": acc}))
-    for seed in args.seeds:
-        for name in names:
-            path = args.out / f"{name.replace('/', '__')}__seed{seed}.json"
-            if path.exists():
-                continue
-            record = run_one(args, name, seed, test)
-            path.write_text(json.dumps(record, indent=1))
-            print(f"{name} seed {seed}: {record['test_accuracy']:.2f}% ({record['seconds']:.0f} s)")
+        images, labels = load_split(args.data, "test", None)
+        test = DataLoader(ArrayImageDataset(images, labels, regime.mean, regime.std), batch_size=500)
+        acc = accuracy(_load_teacher(args, regime), test, _torch_device(args.device))
+        teacher_file.write_text(json.dumps({"test_accuracy": acc, "dataset": args.dataset}))
+    todo = [
+        (name, lr, seed)
+        for seed in args.seeds
+        for lr in args.lrs
+        for name in names
+        if not _run_file(args.out, name, lr, seed).exists()
+    ]
+    log.info("%d runs to do in %s with %d job(s)", len(todo), args.out, args.jobs)
+    args.test_loader = None
+    if args.jobs == 1:
+        for job in todo:
+            log.info(_worker(args, *job)[1])
+        return
+    with ProcessPoolExecutor(args.jobs) as pool:
+        for _, line in pool.map(partial(_worker, args), *zip(*todo, strict=True)) if todo else []:
+            log.info(line)
 
 
 def report(out: Path) -> str:
-    runs: dict[str, list[dict[str, Any]]] = {}
+    """The mean ± std table of ``out``, one row per (configuration, learning rate)."""
+    runs: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for path in sorted(out.glob("*__seed*.json")):
         record = json.loads(path.read_text())
-        runs.setdefault(record["config"], []).append(record)
+        runs.setdefault((record["config"], record.get("lr", 0.05)), []).append(record)
     teacher = json.loads((out / "teacher.json").read_text())["test_accuracy"]
     lines = [
-        "| configuration | student accuracy (%) | seeds | minus the student alone, paired by seed "
-        "(points) | final crucial-layer lr / base lr |",
-        "|---|---|---|---|---|",
+        "| configuration | lr | student accuracy (%) | seeds | minus the student alone at this lr, "
+        "paired by seed (points) | final crucial-layer lr / base lr |",
+        "|---|---|---|---|---|---|",
     ]
-    for name in [n for n in CONFIGS if n in runs]:
-        accs = [r["test_accuracy"] for r in runs[name]]
+    order = {name: i for i, name in enumerate(CONFIGS)}
+    for name, lr in sorted(runs, key=lambda k: (k[1], order.get(k[0], 1e9))):
+        rows = runs[(name, lr)]
+        accs = [r["test_accuracy"] for r in rows]
         std = statistics.stdev(accs) if len(accs) > 1 else math.nan
         ratios = [
-            v / r["final_lrs"]["base"]
-            for r in runs[name]
-            for k, v in r["final_lrs"].items()
-            if k != "base"
+            v / r["final_lrs"]["base"] for r in rows for k, v in r["final_lrs"].items() if k != "base"
         ]
         spread = f"{min(ratios):.3g} - {max(ratios):.3g}" if ratios else "-"
-        mean = statistics.mean(accs)
-        alone = {r["seed"]: r["test_accuracy"] for r in runs.get("student", [])}
-        diffs = [r["test_accuracy"] - alone[r["seed"]] for r in runs[name] if r["seed"] in alone]
+        alone = {r["seed"]: r["test_accuracy"] for r in runs.get(("student", lr), [])}
+        diffs = [r["test_accuracy"] - alone[r["seed"]] for r in rows if r["seed"] in alone]
         paired = "-"
         if name != "student" and diffs:
             d_std = statistics.stdev(diffs) if len(diffs) > 1 else math.nan
-            paired = f"{statistics.mean(diffs):+.2f} ± {d_std:.2f}"
-        lines.append(f"| {name} | {mean:.2f} ± {std:.2f} | {len(accs)} | {paired} | {spread} |")
-    lines.append(f"| teacher | {teacher:.2f} | - | - | - |")
+            paired = f"{statistics.mean(diffs):+.2f} ± {d_std:.2f} ({len(diffs)})"
+        lines.append(
+            f"| {name} | {lr:g} | {statistics.mean(accs):.2f} ± {std:.2f} | {len(accs)} | {paired} | {spread} |"
+        )
+    lines.append(f"| teacher | - | {teacher:.2f} | - | - | - |")
     return "\n".join(lines)
 
 
 def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, help="folder with x_train.npy ... (unpacked CIFAR-10)")
-    parser.add_argument("--teacher", type=Path, help="state_dict of resnet(18, width=16)")
+    parser.add_argument("--dataset", choices=sorted(REGIMES), default="cifar10")
+    parser.add_argument("--data", type=Path, help="folder with x_train.npy ... (default /tmp/<dataset>)")
+    parser.add_argument("--teacher", type=Path, help="default benchmarks/inputs/<dataset>_resnet18_w16.pt")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--configs", nargs="+", default=["all"])
+    parser.add_argument("--lrs", nargs="+", type=float, default=[0.05])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--every-n-epochs", type=int, default=5)
-    parser.add_argument("--train-images", type=int, default=5000)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--epochs", type=int, help="default: the dataset's regime")
+    parser.add_argument("--every-n-epochs", type=int, help="default: the dataset's regime")
+    parser.add_argument("--train-images", type=int, help="default: the dataset's regime")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--jobs", type=int, default=1, help="runs side by side")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="accelerator")
     parser.add_argument("--report", action="store_true", help="print the table of --out")
     args = parser.parse_args()
@@ -233,8 +337,15 @@ def main() -> None:
         (args.out / "table.md").write_text(table + "\n")
         print(table)
         return
-    if args.data is None or args.teacher is None:
-        parser.error("--data and --teacher are needed to run the grid")
+    regime = REGIMES[args.dataset]
+    args.data = args.data or Path("/tmp") / args.dataset
+    args.teacher = args.teacher or regime.teacher(args.dataset)
+    args.epochs = args.epochs or regime.epochs
+    args.every_n_epochs = args.every_n_epochs or regime.every_n_epochs
+    args.train_images = args.train_images or regime.train_images
+    for path in (args.data / "x_train.npy", args.teacher):
+        if not path.exists():
+            parser.error(f"{path} does not exist (see benchmarks/README.md for the inputs)")
     run_grid(args)
 
 
