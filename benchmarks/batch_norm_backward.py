@@ -35,7 +35,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_cost import count_aten_ops  # the same op definition as the step table
 
-from lightning_layerkd.lean_autograd import LeanAutograd
+from lightning_layerkd._autograd.mode import LeanAutograd
 
 SHAPES = {"64x32x32": (64, 32, 32), "128x16x16": (128, 16, 16), "256x8x8": (256, 8, 8)}
 

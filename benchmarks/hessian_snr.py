@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lightning_layerkd.derivatives import hessian_map
-from lightning_layerkd.divergence import js_divergence
-from lightning_layerkd.maps import match_maps, to_distribution
+from lightning_layerkd.functional.derivatives import hessian_map
+from lightning_layerkd.functional.divergence import js_divergence
+from lightning_layerkd.functional.maps import match_maps, to_distribution
 from lightning_layerkd.models import resnet
 
 MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)

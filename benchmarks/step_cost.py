@@ -92,9 +92,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_layerkd.derivatives import compute_maps
-from lightning_layerkd.hooks import FeatureHooks
-from lightning_layerkd.layers import conversion_conv
+from lightning_layerkd.functional.derivatives import compute_maps
+from lightning_layerkd.layers.hooks import FeatureHooks
+from lightning_layerkd.layers.specs import conversion_conv
 from lightning_layerkd.methods import method_class
 from lightning_layerkd.models import resnet
 from lightning_layerkd.module import DistillationModule

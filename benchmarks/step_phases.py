@@ -42,7 +42,7 @@ from step_cost import (
     make_networks,
 )
 
-from lightning_layerkd.derivatives import compute_maps
+from lightning_layerkd.functional.derivatives import compute_maps
 from lightning_layerkd.methods import method_class
 from lightning_layerkd.module import DistillationModule
 

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from lightning_layerkd import DistillationModule, LayerwiseLRCallback
 from lightning_layerkd.data import ArrayImageDataset, RandomCropFlip
-from lightning_layerkd.lr_rules import named_param_groups, scale_param_group
+from lightning_layerkd.layerwise_lr.rules import named_param_groups, scale_param_group
 from lightning_layerkd.methods import method_class
 from lightning_layerkd.models import resnet
 
@@ -64,7 +64,10 @@ REGIMES = {
 }
 #: Hinton et al.'s weight of the KD term where logit KD is used (T = 4).
 LOGIT_WEIGHT = 1.0
-SENSITIVITY = {"fixed-4,2,0.5,0.25": (4.0, 2.0, 0.5, 0.25), "fixed-0.25,0.5,2,4": (0.25, 0.5, 2.0, 4.0)}
+SENSITIVITY = {
+    "fixed-4,2,0.5,0.25": (4.0, 2.0, 0.5, 0.25),
+    "fixed-0.25,0.5,2,4": (0.25, 0.5, 2.0, 4.0),
+}
 
 
 def _configs() -> dict[str, dict[str, Any]]:
@@ -147,7 +150,9 @@ def _load_teacher(args: argparse.Namespace, regime: Regime) -> torch.nn.Module:
     return teacher
 
 
-def _fit(args: argparse.Namespace, module: DistillationModule, train: DataLoader, callbacks: list) -> Trainer:
+def _fit(
+    args: argparse.Namespace, module: DistillationModule, train: DataLoader, callbacks: list
+) -> Trainer:
     trainer = Trainer(
         max_epochs=args.epochs,
         accelerator=args.device,
@@ -171,11 +176,17 @@ def run_one(args: argparse.Namespace, name: str, lr: float, seed: int) -> dict[s
     config = CONFIGS[name]
     seed_everything(seed, workers=True)
     images, labels = load_split(args.data, "train", args.train_images)
-    train_set = ArrayImageDataset(images, labels, regime.mean, regime.std, RandomCropFlip(4), seed=seed)
-    train = DataLoader(train_set, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    train_set = ArrayImageDataset(
+        images, labels, regime.mean, regime.std, RandomCropFlip(4), seed=seed
+    )
+    train = DataLoader(
+        train_set, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
     milestones = [args.epochs // 2, (3 * args.epochs) // 4]
 
-    def module(teacher: torch.nn.Module | None, student: torch.nn.Module, method: Any, layers: Any = "auto") -> DistillationModule:
+    def module(
+        teacher: torch.nn.Module | None, student: torch.nn.Module, method: Any, layers: Any = "auto"
+    ) -> DistillationModule:
         return DistillationModule(
             teacher,
             student,
@@ -183,7 +194,9 @@ def run_one(args: argparse.Namespace, name: str, lr: float, seed: int) -> dict[s
             layers=layers,
             num_classes=regime.num_classes,
             optimizer=partial(torch.optim.SGD, lr=lr, momentum=0.9, weight_decay=5e-4),
-            scheduler=partial(torch.optim.lr_scheduler.MultiStepLR, milestones=milestones, gamma=0.1),
+            scheduler=partial(
+                torch.optim.lr_scheduler.MultiStepLR, milestones=milestones, gamma=0.1
+            ),
         )
 
     start = time.perf_counter()
@@ -201,7 +214,9 @@ def run_one(args: argparse.Namespace, name: str, lr: float, seed: int) -> dict[s
     distiller = module(teacher, student, method)
     callbacks: list[Callback] = []
     if "callback" in config:
-        callbacks.append(LayerwiseLRCallback(every_n_epochs=args.every_n_epochs, **config["callback"]))
+        callbacks.append(
+            LayerwiseLRCallback(every_n_epochs=args.every_n_epochs, **config["callback"])
+        )
     if "fixed" in config:
         callbacks.append(FixedFactors(config["fixed"]))
     trainer = _fit(args, distiller, train, callbacks)
@@ -240,13 +255,34 @@ def _worker(args: argparse.Namespace, name: str, lr: float, seed: int) -> tuple[
     regime = REGIMES[args.dataset]
     if getattr(args, "test_loader", None) is None:
         images, labels = load_split(args.data, "test", None)
-        args.test_loader = DataLoader(ArrayImageDataset(images, labels, regime.mean, regime.std), batch_size=500)
+        args.test_loader = DataLoader(
+            ArrayImageDataset(images, labels, regime.mean, regime.std), batch_size=500
+        )
     record = run_one(args, name, lr, seed)
     path = _run_file(args.out, name, lr, seed)
     partial_file = path.with_suffix(".json.part")
     partial_file.write_text(json.dumps(record, indent=1))
     partial_file.replace(path)
-    return str(path), f"{name} lr {lr:g} seed {seed}: {record['test_accuracy']:.2f}% ({record['seconds']:.0f} s)"
+    return str(
+        path
+    ), f"{name} lr {lr:g} seed {seed}: {record['test_accuracy']:.2f}% ({record['seconds']:.0f} s)"
+
+
+def tuned_lr(out: Path, seeds: list[int]) -> float:
+    """The base learning rate at which the student alone has the best mean accuracy over
+    ``seeds`` in ``out`` (every rate of the grid needs every seed)."""
+    means: dict[float, list[float]] = {}
+    for path in out.glob("student__lr*__seed*.json"):
+        record = json.loads(path.read_text())
+        if record["seed"] in seeds:
+            means.setdefault(record["lr"], []).append(record["test_accuracy"])
+    complete = {lr: statistics.mean(accs) for lr, accs in means.items() if len(accs) == len(seeds)}
+    if not complete or len(complete) != len(means):
+        raise SystemExit(
+            f"--lrs tuned needs the student alone at every rate of the grid for seeds {seeds} "
+            f"in {out}; found {sorted((lr, len(a)) for lr, a in means.items())}"
+        )
+    return max(complete, key=lambda lr: complete[lr])
 
 
 def run_grid(args: argparse.Namespace) -> None:
@@ -255,11 +291,18 @@ def run_grid(args: argparse.Namespace) -> None:
     if unknown:
         raise SystemExit(f"unknown configurations {unknown}; choose from {list(CONFIGS)}")
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.lrs == ["tuned"]:
+        args.lrs = [tuned_lr(args.out, args.seeds)]
+        log.info("the student alone's best base learning rate in %s: %g", args.out, args.lrs[0])
+    else:
+        args.lrs = [float(lr) for lr in args.lrs]
     regime = REGIMES[args.dataset]
     teacher_file = args.out / "teacher.json"
     if not teacher_file.exists():
         images, labels = load_split(args.data, "test", None)
-        test = DataLoader(ArrayImageDataset(images, labels, regime.mean, regime.std), batch_size=500)
+        test = DataLoader(
+            ArrayImageDataset(images, labels, regime.mean, regime.std), batch_size=500
+        )
         acc = accuracy(_load_teacher(args, regime), test, _torch_device(args.device))
         teacher_file.write_text(json.dumps({"test_accuracy": acc, "dataset": args.dataset}))
     todo = [
@@ -298,7 +341,10 @@ def report(out: Path) -> str:
         accs = [r["test_accuracy"] for r in rows]
         std = statistics.stdev(accs) if len(accs) > 1 else math.nan
         ratios = [
-            v / r["final_lrs"]["base"] for r in rows for k, v in r["final_lrs"].items() if k != "base"
+            v / r["final_lrs"]["base"]
+            for r in rows
+            for k, v in r["final_lrs"].items()
+            if k != "base"
         ]
         spread = f"{min(ratios):.3g} - {max(ratios):.3g}" if ratios else "-"
         alone = {r["seed"]: r["test_accuracy"] for r in runs.get(("student", lr), [])}
@@ -307,9 +353,9 @@ def report(out: Path) -> str:
         if name != "student" and diffs:
             d_std = statistics.stdev(diffs) if len(diffs) > 1 else math.nan
             paired = f"{statistics.mean(diffs):+.2f} ± {d_std:.2f} ({len(diffs)})"
-        lines.append(
-            f"| {name} | {lr:g} | {statistics.mean(accs):.2f} ± {std:.2f} | {len(accs)} | {paired} | {spread} |"
-        )
+        mean = statistics.mean(accs)
+        cells = [name, f"{lr:g}", f"{mean:.2f} ± {std:.2f}", str(len(accs)), paired, spread]
+        lines.append("| " + " | ".join(cells) + " |")
     lines.append(f"| teacher | - | {teacher:.2f} | - | - | - |")
     return "\n".join(lines)
 
@@ -318,11 +364,21 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=sorted(REGIMES), default="cifar10")
-    parser.add_argument("--data", type=Path, help="folder with x_train.npy ... (default /tmp/<dataset>)")
-    parser.add_argument("--teacher", type=Path, help="default benchmarks/inputs/<dataset>_resnet18_w16.pt")
+    parser.add_argument(
+        "--data", type=Path, help="folder with x_train.npy ... (default /tmp/<dataset>)"
+    )
+    parser.add_argument(
+        "--teacher", type=Path, help="default benchmarks/inputs/<dataset>_resnet18_w16.pt"
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--configs", nargs="+", default=["all"])
-    parser.add_argument("--lrs", nargs="+", type=float, default=[0.05])
+    parser.add_argument(
+        "--lrs",
+        nargs="+",
+        default=["0.05"],
+        help="base learning rates, or 'tuned': the "
+        "student alone's best rate among the runs already in --out",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, help="default: the dataset's regime")
     parser.add_argument("--every-n-epochs", type=int, help="default: the dataset's regime")

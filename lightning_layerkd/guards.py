@@ -9,8 +9,6 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-__all__ = ["NonFiniteLossError", "check_finite_loss", "check_not_compiled", "check_trainable"]
-
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""

@@ -12,9 +12,7 @@ from torchmetrics.classification import (
     MultilabelAveragePrecision,
 )
 
-from lightning_layerkd.maps import Task
-
-__all__ = ["LayerMeans", "task_loss", "task_metrics"]
+from lightning_layerkd.functional.maps import Task
 
 
 def task_loss(logits: Tensor, target: Tensor, task: Task = "multiclass") -> Tensor:

@@ -3,6 +3,7 @@ through per-crucial-layer map losses (Kokane et al. 2024, eqs. 2, 4 and 6)."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -15,17 +16,17 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_layerkd.batches import first_batch, split_batch
-from lightning_layerkd.discovery import format_candidates, trace_feature_maps
+from lightning_layerkd.data.base import first_batch, split_batch
+from lightning_layerkd.functional.maps import TASKS, Task
 from lightning_layerkd.guards import check_finite_loss, check_not_compiled, check_trainable
-from lightning_layerkd.hooks import CrucialLayerError, FeatureHooks
-from lightning_layerkd.layers import (
+from lightning_layerkd.layers.discovery import format_candidates, trace_feature_maps
+from lightning_layerkd.layers.hooks import CrucialLayerError, FeatureHooks
+from lightning_layerkd.layers.specs import (
     LayerSpec,
     check_layer_pairs,
     normalise_layers,
     resolve_module,
 )
-from lightning_layerkd.maps import TASKS, Task
 from lightning_layerkd.methods import DistillationMethod, MapMethod, MethodOutput, Networks
 from lightning_layerkd.methods.base import build_method, check_choice
 from lightning_layerkd.metrics import LayerMeans, task_loss, task_metrics
@@ -81,6 +82,10 @@ class DistillationModule(LightningModule):
         scheduler_interval: ``"epoch"`` or ``"step"``.
         check_finite: stop with an error that names the cause when the training loss is not
             finite (one host sync per step; off, a NaN spreads into the weights silently).
+
+    Attributes:
+        layer_loss_weights: each crucial layer's weight ``w_j`` in the method's layer loss
+            (absent: 1), set by :meth:`set_layer_loss_weights`.
     """
 
     def __init__(
@@ -134,6 +139,7 @@ class DistillationModule(LightningModule):
         self.learning_rate: float | None = None
 
         self.layer_pairs: list[tuple[str, str]] | None = None
+        self.layer_loss_weights: dict[str, float] = {}
         if not self.method.uses_layers:
             self.layer_pairs = []
         elif not (isinstance(layers, str) and layers == "auto"):
@@ -283,7 +289,26 @@ class DistillationModule(LightningModule):
         epoch = self.current_epoch if self._trainer is not None else 0
         hooks = (self._student_hooks, self._teacher_hooks)
         names = tuple(self.layer_names)
-        return Networks(self.student, self.teacher, *hooks, names, self.task, epoch)
+        weights = self.layer_loss_weights
+        return Networks(self.student, self.teacher, *hooks, names, self.task, epoch, weights)
+
+    def set_layer_loss_weights(self, weights: dict[str, float]) -> None:
+        """Weight each crucial layer's term of the layer loss: ``lambda * sum_j w_j mean_i
+        JSD_ij`` for the map methods (eqs. 2, 4, 6 with a weight per layer); what
+        ``LayerwiseLRCallback(target="map_weight")`` calls. Unnamed layers keep weight 1."""
+        if not self.method.supports_layer_weights:
+            raise ValueError(
+                f"{type(self.method).__name__} has no per-layer loss terms to weight; "
+                "per-layer weights (LayerwiseLRCallback(target='map_weight')) work with the "
+                "map methods and InformationFlow; use target='lr'"
+            )
+        unknown = sorted(set(weights) - set(self.layer_names))
+        if unknown:
+            raise ValueError(f"no crucial layers {unknown}; the crucial layers: {self.layer_names}")
+        bad = {k: v for k, v in weights.items() if not (math.isfinite(v) and v >= 0)}
+        if bad:
+            raise ValueError(f"layer loss weights must be finite and non-negative, got {bad}")
+        self.layer_loss_weights = {k: float(v) for k, v in weights.items()}
 
     def layer_divergences(
         self, x: Tensor, y: Tensor, *, create_graph: bool

@@ -9,17 +9,16 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import make_trainer_kwargs
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_layerkd import DistillationModule
-from lightning_layerkd.derivatives import jacobian_map
-from lightning_layerkd.divergence import js_divergence
+from lightning_layerkd.functional.derivatives import jacobian_map
+from lightning_layerkd.functional.divergence import js_divergence
+from lightning_layerkd.functional.information_flow import pkt_loss
+from lightning_layerkd.functional.jacobian_matching import input_jacobian, jacobian_matching_loss
+from lightning_layerkd.functional.maps import attention_map, to_distribution
 from lightning_layerkd.guards import NonFiniteLossError
-from lightning_layerkd.information_flow import pkt_loss
-from lightning_layerkd.jacobian_matching import input_jacobian, jacobian_matching_loss
-from lightning_layerkd.maps import attention_map, to_distribution
 from lightning_layerkd.methods import (
     AttentionMaps,
     HessianMaps,
@@ -27,6 +26,7 @@ from lightning_layerkd.methods import (
     JacobianMaps,
 )
 from lightning_layerkd.models import resnet
+from tests.helpers.models import make_trainer_kwargs
 
 PAIRS = [("layer1", "layer1"), ("layer2", "layer2"), ("layer3", "layer3"), ("layer4", "layer4")]
 
@@ -456,7 +456,7 @@ def test_explicit_constant_pair_is_warned_about_by_name():
 
 
 def test_constant_map_layers_on_a_plain_cnn():
-    from lightning_layerkd.derivatives import constant_map_layers
+    from lightning_layerkd.functional.derivatives import constant_map_layers
 
     torch.manual_seed(0)
     model = nn.Sequential(

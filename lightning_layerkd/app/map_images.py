@@ -15,13 +15,6 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = [
-    "figure_to_rgb",
-    "grid_shape",
-    "sample_maps_figure",
-    "weight_maps_figure",
-]
-
 #: Colour map of the per-sample maps; perceptually uniform and readable in grey.
 CMAP = "viridis"
 #: Colours of the two networks in weight-map charts.

@@ -14,8 +14,6 @@ from typing import Any
 
 from lightning_layerkd.methods import method_names
 
-__all__ = ["collect", "divergence_table", "main", "plot_curves", "table"]
-
 #: Table 1's names for the schedules (Kokane et al. 2024).
 SCHEDULE_LABELS = {"none": "None", "multistep": "Constant Update", "layerwise": "Layerwise Update"}
 

@@ -18,8 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 from . import ConfigError
 from .teacher import EpochHistory
 
-__all__ = ["StudentHistory", "resume_from", "sweep_identity"]
-
 
 class StudentHistory(EpochHistory):
     """The student's :class:`EpochHistory`, kept in its checkpoints with the state of the random

@@ -31,17 +31,6 @@ from torch import nn
 
 from lightning_layerkd.module import DistillationModule
 
-__all__ = [
-    "EpochHistory",
-    "TeacherTrainingError",
-    "atomic_write",
-    "build_trainer",
-    "check_teacher",
-    "data_fingerprint",
-    "teacher_cache_key",
-    "train_teacher",
-]
-
 
 class TeacherTrainingError(RuntimeError):
     """The teacher's fit gave a teacher not worth distilling from (nor caching): non-finite

@@ -31,17 +31,15 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from torch import nn
 
-from lightning_layerkd.callbacks import LayerwiseLRCallback
 from lightning_layerkd.guards import NonFiniteLossError
-from lightning_layerkd.layers import check_layer_pairs, normalise_layers
+from lightning_layerkd.layers.specs import check_layer_pairs, normalise_layers
+from lightning_layerkd.layerwise_lr.callback import LayerwiseLRCallback
 from lightning_layerkd.methods import DistillationMethod, InformationFlow
 from lightning_layerkd.module import BASE_GROUP, DistillationModule
 
 from . import ConfigError
 from .runs import StudentHistory, resume_from, sweep_identity
 from .teacher import EpochHistory, TeacherTrainingError, atomic_write, build_trainer, train_teacher
-
-__all__ = ["ConfigError", "check_config", "format_result", "main", "run"]
 
 
 # ---------------------------------------------------------------------- building blocks
@@ -58,7 +56,7 @@ def _auxiliary_model(cfg: DictConfig, datamodule: Any) -> nn.Module:
     return _model(node, datamodule)
 
 
-def build_method(cfg: DictConfig) -> DistillationMethod:
+def method_from_config(cfg: DictConfig) -> DistillationMethod:
     """The method of ``cfg.method``; unknown options list the valid ones."""
     target = get_class(cfg.method._target_)
     valid = [
@@ -93,7 +91,7 @@ def check_config(cfg: DictConfig) -> DistillationMethod:
             raise ConfigError(f"{key} must be at least {0 if key == 'seed' else 1}, got {value}")
     layer_spec(cfg.layers)
     try:
-        method = build_method(cfg)
+        method = method_from_config(cfg)
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 - re-raised with the config context
@@ -308,7 +306,7 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
         "wall_time_s": time.time() - start,
     }
     if isinstance(method, InformationFlow) and module.layer_pairs:
-        from lightning_layerkd.layer_matching import report_layer_matching
+        from lightning_layerkd.functional.layer_matching import report_layer_matching
 
         # Passalis et al. eqs. 3-4: which teacher layer should feed which student layer,
         # judged by each layer's nearest-centroid accuracy on validation batches

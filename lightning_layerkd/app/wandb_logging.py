@@ -17,13 +17,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_layerkd.divergence import js_divergence
-from lightning_layerkd.maps import to_distribution
+from lightning_layerkd.functional.divergence import js_divergence
+from lightning_layerkd.functional.maps import to_distribution
 from lightning_layerkd.methods import MapMethod
 
 from .map_images import figure_to_rgb, grid_shape, sample_maps_figure, weight_maps_figure
-
-__all__ = ["LayerPanels", "MapImageLogger", "finish", "has_credentials", "make_wandb_logger"]
 
 
 def has_credentials() -> bool:
@@ -110,7 +108,13 @@ class LayerPanels(Callback):
     accumulated divergence, the layer-wise factor and the training JSD, re-plotted at the end
     of every epoch."""
 
-    KEYS = ("layerwise/lr/", "layerwise/eta/", "layerwise/divergence/", "layerwise/factor/")
+    KEYS = (
+        "layerwise/lr/",
+        "layerwise/eta/",
+        "layerwise/divergence/",
+        "layerwise/factor/",
+        "layerwise/map_weight/",
+    )
 
     def __init__(self) -> None:
         self.rows: list[list[Any]] = []
@@ -144,7 +148,8 @@ class MapImageLogger(Callback):
     per crucial layer under ``maps/<layer>`` (:mod:`~lightning_layerkd.app.map_images`).
 
     Per-sample maps are shown as the distributions the JSD compares, times the support size
-    (1 = uniform mass), on the pooled grid of :func:`~lightning_layerkd.maps.match_maps`; weight
+    (1 = uniform mass), on the pooled grid of
+    :func:`~lightning_layerkd.functional.maps.match_maps`; weight
     maps as per-channel energies in compared order. A method without layer maps (not a
     :class:`~lightning_layerkd.methods.MapMethod`) logs none, with one message."""
 
@@ -216,7 +221,8 @@ def _layer_image(
 @contextmanager
 def _pooled_sizes(pl_module: Any) -> Iterator[dict[str, tuple[int, int]]]:
     """Records the crucial layers' output sizes during the forward passes inside; on exit,
-    fills in per layer the grid :func:`~lightning_layerkd.maps.match_maps` pools both maps
+    fills in per layer the grid :func:`~lightning_layerkd.functional.maps.match_maps` pools both
+    maps
     to (the smaller height and the smaller width)."""
     pairs: list[tuple[str, str]] = getattr(pl_module, "layer_pairs", None) or []
     seen: dict[tuple[int, str], tuple[int, int]] = {}

@@ -10,7 +10,10 @@ validation and test loaders do not shuffle. Nothing here downloads unless asked 
 (``download=True`` on the CIFAR modules).
 """
 
-from .arrays import ARRAY_FILES, ARRAY_KEYS, ArrayImageDataset, ArraysDataModule
+from lightning_layerkd.functional.maps import Task
+
+from .array_files import ARRAY_FILES, ARRAY_KEYS
+from .arrays import ArrayImageDataset, ArraysDataModule
 from .base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -18,7 +21,6 @@ from .base import (
     RandomCropFlip,
     ReseedableDataset,
     SubsetSpec,
-    Task,
     select_subset,
     stratified_split,
 )

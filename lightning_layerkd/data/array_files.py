@@ -10,15 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = [
-    "ARRAY_FILES",
-    "ARRAY_KEYS",
-    "check_arrays",
-    "load_arrays",
-    "require_images",
-    "resolve_num_classes",
-]
-
 ARRAY_FILES = ("x_train.npy", "y_train.npy", "x_test.npy", "y_test.npy")
 ARRAY_KEYS = ("x_train", "y_train", "x_test", "y_test")
 _EXPECTED = (

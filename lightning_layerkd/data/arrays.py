@@ -13,8 +13,6 @@ import torch
 from torch import Tensor
 
 from .array_files import (
-    ARRAY_FILES,
-    ARRAY_KEYS,
     check_arrays,
     load_arrays,
     require_images,
@@ -28,8 +26,6 @@ from .base import (
     file_digest,
     select_subset,
 )
-
-__all__ = ["ARRAY_FILES", "ARRAY_KEYS", "ArrayImageDataset", "ArraysDataModule"]
 
 
 class ArrayImageDataset(ReseedableDataset):

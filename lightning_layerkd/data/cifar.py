@@ -11,8 +11,6 @@ from torch.utils.data import Dataset, Subset
 
 from .base import ImageDataModule, SubsetSpec, folder_digest, select_subset
 
-__all__ = ["CIFAR_STATS", "Cifar10DataModule", "Cifar100DataModule", "CifarDataModule"]
-
 CIFAR_STATS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),

@@ -15,9 +15,6 @@ from torch.utils.data import Dataset
 
 from .base import IMAGENET_MEAN, IMAGENET_STD, ImageDataModule, Task, file_digest
 
-__all__ = ["CocoDataModule", "CocoMultiLabelDataset"]
-
-
 _SHAPE = (
     "expected a COCO instances file: a JSON object with lists 'images' (objects with an integer "
     "'id' and a string 'file_name'), 'annotations' (objects with integer 'image_id' and "

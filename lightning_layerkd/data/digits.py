@@ -10,8 +10,6 @@ from torch.utils.data import TensorDataset
 
 from .base import ImageDataModule, SubsetSpec, select_subset, stratified_split
 
-__all__ = ["DigitsDataModule"]
-
 
 class DigitsDataModule(ImageDataModule):
     """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes; no download).

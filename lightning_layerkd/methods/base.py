@@ -15,29 +15,18 @@ Every method can add logit distillation (Hinton et al. 2015) to its own terms wi
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_layerkd.discovery import find_crucial_layers
-from lightning_layerkd.divergence import logit_distillation_loss
-from lightning_layerkd.hooks import FeatureHooks
-from lightning_layerkd.maps import Task
-
-__all__ = [
-    "DistillationMethod",
-    "MethodOutput",
-    "Networks",
-    "build_method",
-    "check_choice",
-    "method_class",
-    "method_names",
-    "register_method",
-]
+from lightning_layerkd.functional.divergence import logit_distillation_loss
+from lightning_layerkd.functional.maps import Task
+from lightning_layerkd.layers.discovery import find_crucial_layers
+from lightning_layerkd.layers.hooks import FeatureHooks
 
 #: The name of the loss term that logit distillation adds (``train/logit_loss``).
 LOGIT_TERM = "logit_loss"
@@ -65,7 +54,8 @@ class MethodOutput(NamedTuple):
 @dataclass(frozen=True)
 class Networks:
     """What a method sees of the module for one batch: both networks, the forward hooks on
-    the modules it asked for, the crucial layers' names, the task and the epoch."""
+    the modules it asked for, the crucial layers' names, the task, the epoch and each layer's
+    weight in the layer loss (absent: 1; see ``DistillationMethod.supports_layer_weights``)."""
 
     student: nn.Module
     teacher: nn.Module | None
@@ -74,6 +64,7 @@ class Networks:
     layer_names: tuple[str, ...]
     task: Task = "multiclass"
     epoch: int = 0
+    layer_weights: Mapping[str, float] = field(default_factory=dict)
 
 
 class DistillationMethod:
@@ -83,8 +74,10 @@ class DistillationMethod:
     Class attributes describe the method to the module, the callbacks and the app:
     ``divergence_name`` (how the per-layer term is logged, ``train/<name>/<layer>``),
     ``needs_teacher``, ``uses_layers`` (``False``: no crucial layers, one param group),
-    ``allows_no_layers`` (an empty layer list is valid) and ``needs_autograd`` (derivatives
-    of the inputs or features, so validation runs with autograd on).
+    ``allows_no_layers`` (an empty layer list is valid), ``needs_autograd`` (derivatives
+    of the inputs or features, so validation runs with autograd on) and
+    ``supports_layer_weights`` (:meth:`compute` multiplies each layer's loss term by
+    ``nets.layer_weights[layer]``, which ``LayerwiseLRCallback(target="map_weight")`` sets).
 
     Args:
         task_loss: add the task loss (cross-entropy, ``l_1`` of eq. 1) to the method's terms.
@@ -100,6 +93,7 @@ class DistillationMethod:
     uses_layers: ClassVar[bool] = True
     allows_no_layers: ClassVar[bool] = False
     needs_autograd: ClassVar[bool] = False
+    supports_layer_weights: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -1,6 +1,6 @@
 """Information-flow distillation (Passalis et al. 2020) as a distillation method: PKT (eq. 7)
 per crucial layer pair and at the outputs, combined by eq. 9 with eq. 10's critical-period
-weights. The maths are in :mod:`lightning_layerkd.information_flow`."""
+weights. The maths are in :mod:`lightning_layerkd.functional.information_flow`."""
 
 from __future__ import annotations
 
@@ -10,15 +10,16 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from lightning_layerkd.hooks import FeatureHooks
-from lightning_layerkd.information_flow import (
+from lightning_layerkd.functional.information_flow import (
     LOSS_KERNELS,
     REDUCTIONS,
     LossKernel,
     Reduction,
     critical_period_weights,
     pkt_loss,
+    weighted_sum,
 )
+from lightning_layerkd.layers.hooks import FeatureHooks
 from lightning_layerkd.methods.base import (
     DistillationMethod,
     MethodOutput,
@@ -26,8 +27,6 @@ from lightning_layerkd.methods.base import (
     check_choice,
     register_method,
 )
-
-__all__ = ["InformationFlow"]
 
 
 @register_method("information_flow")
@@ -51,6 +50,7 @@ class InformationFlow(DistillationMethod):
 
     divergence_name = "pkt"
     allows_no_layers = True
+    supports_layer_weights = True
 
     def __init__(
         self,
@@ -94,9 +94,9 @@ class InformationFlow(DistillationMethod):
         weights = [1.0] * (len(names) + 1)
         if self.critical_period is not None:  # eq. 10
             weights = critical_period_weights(len(names) + 1, nets.epoch, **self.critical_period)
-        total = weights[-1] * pkt(logits, t_logits)  # the last layer: the outputs
-        for weight, loss in zip(weights, losses, strict=False):
-            total = total + weight * loss  # eq. 9
+        for i, name in enumerate(names):  # the layer-wise rule's per-layer weights, if any
+            weights[i] *= nets.layer_weights.get(name, 1.0)
+        total = weighted_sum([*losses, pkt(logits, t_logits)], weights)  # eq. 9, outputs last
         divergences = {
             name: loss.expand(x.shape[0]) for name, loss in zip(names, losses, strict=True)
         }

@@ -1,13 +1,13 @@
 """Jacobian matching (Srinivas & Fleuret 2018) as a distillation method: eq. 10 between
 L2-normalised input Jacobians, with Props. 1 and 2 as optional terms. The maths are in
-:mod:`lightning_layerkd.jacobian_matching`."""
+:mod:`lightning_layerkd.functional.jacobian_matching`."""
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from lightning_layerkd.derivatives import running_stats_kept
-from lightning_layerkd.jacobian_matching import (
+from lightning_layerkd.functional.derivatives import running_stats_kept
+from lightning_layerkd.functional.jacobian_matching import (
     activation_matching_loss,
     jacobian_matching_loss,
     jacobian_norm_penalty,
@@ -20,8 +20,6 @@ from lightning_layerkd.methods.base import (
     check_choice,
     register_method,
 )
-
-__all__ = ["JacobianMatching"]
 
 
 @register_method("jacobian_matching")

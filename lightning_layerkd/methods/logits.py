@@ -13,14 +13,13 @@ from lightning_layerkd.methods.base import (
     register_method,
 )
 
-__all__ = ["LogitDistillation", "StudentOnly"]
-
 
 @register_method("logits")
 class LogitDistillation(DistillationMethod):
     """Logit distillation: cross-entropy plus ``logit_weight * T^2 KL(softmax(z_T / T) ||
     softmax(z_S / T))`` (Hinton et al. 2015, section 2;
-    :func:`~lightning_layerkd.divergence.logit_distillation_loss`), the baseline to compare
+    :func:`~lightning_layerkd.functional.divergence.logit_distillation_loss`), the baseline to
+    compare
     feature methods with. Any other method adds the same term with its own ``logit_weight``.
 
     Args:

@@ -3,8 +3,8 @@ crucial layers, compared by the JSD (eqs. 8-10).
 
 The loss these methods add is ``map_weight * sum_j mean_i JSD(p_ij^S, p_ij^T)`` (eqs. 2, 4, 6),
 where ``p`` are the maps of crucial layer pair ``j`` made distributions
-(:func:`~lightning_layerkd.maps.to_distribution`) on a common support
-(:func:`~lightning_layerkd.maps.match_maps`).
+(:func:`~lightning_layerkd.functional.maps.to_distribution`) on a common support
+(:func:`~lightning_layerkd.functional.maps.match_maps`).
 """
 
 from __future__ import annotations
@@ -12,14 +12,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_layerkd.derivatives import MapKind, compute_maps, constant_map_layers
-from lightning_layerkd.divergence import map_js_divergences
-from lightning_layerkd.layers import conversion_conv
-from lightning_layerkd.maps import (
+from lightning_layerkd.functional.derivatives import MapKind, compute_maps, constant_map_layers
+from lightning_layerkd.functional.divergence import map_js_divergences
+from lightning_layerkd.functional.maps import (
     WEIGHT_ALIGNMENTS,
     WRTS,
     WeightAlignment,
@@ -27,6 +25,8 @@ from lightning_layerkd.maps import (
     default_target,
     match_maps,
 )
+from lightning_layerkd.layers.discovery import model_device
+from lightning_layerkd.layers.specs import conversion_conv
 from lightning_layerkd.methods.base import (
     DistillationMethod,
     MethodOutput,
@@ -34,8 +34,6 @@ from lightning_layerkd.methods.base import (
     check_choice,
     register_method,
 )
-
-__all__ = ["AttentionMaps", "HessianMaps", "JacobianMaps", "MapMethod"]
 
 #: ``(student, teacher)`` maps of one crucial layer pair on a common support.
 MapPair = tuple[Tensor, Tensor]
@@ -53,6 +51,7 @@ class MapMethod(DistillationMethod):
 
     kind: ClassVar[MapKind] = "attention"
     divergence_name = "jsd"
+    supports_layer_weights = True
 
     def __init__(
         self,
@@ -72,7 +71,7 @@ class MapMethod(DistillationMethod):
         self._zero_maps_checked = False
 
     def _map_options(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`~lightning_layerkd.derivatives.compute_maps`."""
+        """Keyword arguments of :func:`~lightning_layerkd.functional.derivatives.compute_maps`."""
         return {}
 
     def _teacher_probes(self) -> int:
@@ -149,7 +148,9 @@ class MapMethod(DistillationMethod):
         map_loss = None
         for rows, names in by_rows.items():
             jsd = map_js_divergences([maps[n][0] for n in names], [maps[n][1] for n in names])
-            loss = jsd.mean(dim=0).sum()  # sum_j mean_i JSD_ij
+            loss = jsd.mean(dim=0)  # mean_i JSD_ij, then sum_j lambda_j of them
+            weights = [nets.layer_weights.get(n, 1.0) for n in names]
+            loss = (loss * loss.new_tensor(weights)).sum() if set(weights) != {1.0} else loss.sum()
             map_loss = loss if map_loss is None else map_loss + loss
             if rows == 1:
                 jsd = jsd.expand(x.shape[0], -1)
@@ -179,7 +180,7 @@ class _DerivativeMaps(MapMethod):
         weight_alignment: how weight maps are compared: ``"sorted"`` per-output-channel
             energies in decreasing order (invariant to permutations of channels, which do not
             change a network's function) or ``"index"`` channel by channel
-            (:func:`~lightning_layerkd.maps.match_maps`).
+            (:func:`~lightning_layerkd.functional.maps.match_maps`).
         map_weight, map_target, task_loss, logit_weight, temperature: see :class:`MapMethod`.
     """
 
@@ -235,7 +236,9 @@ class _DerivativeMaps(MapMethod):
         found: dict[tuple[str, str], str] = {}
         for side, (role, model) in enumerate((("student", student), ("teacher", teacher))):
             paths = [pair[side] for pair in pairs]
-            for path in constant_map_layers(model, sample.to(_device_of(model, x)), paths):
+            for path in constant_map_layers(
+                model, sample.to(model_device(model) or x.device), paths
+            ):
                 for pair in pairs:
                     if pair[side] == path and pair not in found:
                         found[pair] = (
@@ -250,7 +253,7 @@ class _DerivativeMaps(MapMethod):
 @register_method("jacobian")
 class JacobianMaps(_DerivativeMaps):
     """Jacobian maps (eq. 4): squared first derivatives of ``sum_i s_i``; see
-    :func:`~lightning_layerkd.derivatives.jacobian_map`."""
+    :func:`~lightning_layerkd.functional.derivatives.jacobian_map`."""
 
     kind = "jacobian"
 
@@ -258,7 +261,7 @@ class JacobianMaps(_DerivativeMaps):
 @register_method("hessian")
 class HessianMaps(_DerivativeMaps):
     """Hessian maps (eq. 6): the Gauss-Newton diagonal by Hutchinson probes; see
-    :func:`~lightning_layerkd.derivatives.hessian_map`.
+    :func:`~lightning_layerkd.functional.derivatives.hessian_map`.
 
     Args:
         num_probes: Hutchinson probes per step for the student's maps.
@@ -313,8 +316,3 @@ class HessianMaps(_DerivativeMaps):
 
 def _constant(t: Tensor) -> Tensor:
     return t.detach() if t.requires_grad else t  # a detach is an op of its own
-
-
-def _device_of(model: nn.Module, x: Tensor) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else x.device

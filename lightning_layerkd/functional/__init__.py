@@ -1,0 +1,64 @@
+"""Stateless paper maths, no Lightning: maps, divergences, derivative maps, Jacobian matching,
+information flow and layer matching. The method classes in :mod:`lightning_layerkd.methods` are
+built on these functions, as torchmetrics' classes are on its ``functional`` package.
+
+==================================  ===========================================================
+function                            paper
+==================================  ===========================================================
+:func:`attention_map`               Kokane et al. 2024, eq. 2
+:func:`jacobian_map`                Kokane et al. 2024, eqs. 4-5
+:func:`hessian_map`                 Kokane et al. 2024, eqs. 6-7 (Hutchinson's estimator)
+:func:`js_divergence`               Kokane et al. 2024, eqs. 8-10
+:func:`logit_distillation_loss`     Hinton et al. 2015
+:func:`jacobian_matching_loss`      Srinivas & Fleuret 2018, eq. 10
+:func:`pkt_loss`                    Passalis et al. 2020, eqs. 4-8
+:func:`multi_layer_pkt_loss`        Passalis et al. 2020, eq. 9
+:func:`critical_period_weights`     Passalis et al. 2020, eq. 10
+==================================  ===========================================================
+"""
+
+from lightning_layerkd.functional.derivatives import compute_maps, hessian_map, jacobian_map
+from lightning_layerkd.functional.divergence import (
+    js_divergence,
+    kl_divergence,
+    logit_distillation_loss,
+    map_js_divergences,
+)
+from lightning_layerkd.functional.information_flow import (
+    critical_period_weights,
+    multi_layer_pkt_loss,
+    pkt_loss,
+)
+from lightning_layerkd.functional.jacobian_matching import (
+    input_jacobian,
+    jacobian_matching_loss,
+)
+from lightning_layerkd.functional.layer_matching import match_layers
+from lightning_layerkd.functional.maps import (
+    TASKS,
+    Task,
+    attention_map,
+    match_maps,
+    to_distribution,
+)
+
+__all__ = [
+    "TASKS",
+    "Task",
+    "attention_map",
+    "compute_maps",
+    "critical_period_weights",
+    "hessian_map",
+    "input_jacobian",
+    "jacobian_map",
+    "jacobian_matching_loss",
+    "js_divergence",
+    "kl_divergence",
+    "logit_distillation_loss",
+    "map_js_divergences",
+    "match_layers",
+    "match_maps",
+    "multi_layer_pkt_loss",
+    "pkt_loss",
+    "to_distribution",
+]

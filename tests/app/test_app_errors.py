@@ -1,0 +1,108 @@
+"""``layerkd-train`` and ``layerkd-report`` as a careless user meets them: mistakes fail before
+training with the key and the fix (exit status 2, no traceback), a run that cannot learn stops
+(status 1), and a report never mixes two sweeps."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_layerkd.app.report import collect
+from lightning_layerkd.app.report import main as report_main
+from lightning_layerkd.app.train import ConfigError, run
+from lightning_layerkd.guards import NonFiniteLossError
+from tests.helpers.app import TINY, config
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("layers=layer1", r"layers='layer1' is not a layer list .*layers=\[layer1,layer2\]"),
+        ("layers=[[layer1,layer1,layer2]]", r"is not a layer list .*\[student, teacher\] pairs"),
+        ("layers=[layer9]", r"layers: student has no module 'layer9'"),
+        ("epochs=abc", r"epochs must be an integer, got 'abc'"),
+        ("every_n_epochs=1.5", r"every_n_epochs must be an integer, got 1.5"),
+        ("milestones=[1,5]", r"milestones \[5\] lie outside epochs 1..2; .*leave milestones unset"),
+    ],
+)
+def test_config_mistakes_name_the_key_and_the_fix(override, message, tmp_path, cache):
+    with pytest.raises(ConfigError, match=message):
+        run(config(*TINY, override), tmp_path)
+    assert list(cache.rglob("*.pt")) == []
+
+
+def test_a_list_of_paths_pairs_each_with_itself(tmp_path, shared_cache):
+    results = run(config(*TINY, "layers=[layer1,layer2]"), tmp_path)
+    assert results["layer_pairs"] == [("layer1", "layer1"), ("layer2", "layer2")]
+
+
+def test_epochs_alone_derives_the_milestones(tmp_path, shared_cache):
+    """epochs=2 with the default milestones (half and three quarters of epochs) runs."""
+    overrides = [o for o in TINY if not o.startswith("milestones=")]
+    cfg = config(*overrides)
+    assert list(cfg.milestones) == [1, 2] and list(config("epochs=8").milestones) == [4, 6]
+    assert run(cfg, tmp_path)["student"]["val_acc"] is not None
+
+
+def test_data_mistakes_are_config_errors_naming_the_path(tmp_path, cache):
+    arrays = [o for o in TINY if "image_size" not in o] + ["dataset=arrays"]
+    with pytest.raises(ConfigError, match="data_dir"):
+        run(config(*arrays), tmp_path)
+    with pytest.raises(ConfigError, match=f"no image arrays in {tmp_path}"):
+        run(config(*arrays, f"dataset.data_dir={tmp_path}"), tmp_path)
+
+
+def test_a_diverging_run_stops_and_caches_no_teacher(tmp_path, cache):
+    with pytest.raises(NonFiniteLossError, match="lower lr"):
+        run(config(*TINY, "lr=1e6"), tmp_path)
+    assert list(cache.rglob("*.pt")) == [] and not (tmp_path / "results.json").exists()
+
+
+def test_command_line_mistake_exits_2_with_the_message_only(tmp_path, cache):
+    out = subprocess.run(
+        [sys.executable, "-m", "lightning_layerkd.app.train", *TINY, "layers=layer1"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LAYERKD_CACHE": str(cache)},
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "layerkd-train: error: layers='layer1' is not a layer list" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def _result(folder: Path, sweep_id: str, seed: int, acc: float, sweep_dir: str = "x") -> None:
+    folder.mkdir(parents=True)
+    result = {
+        "method": "attention",
+        "schedule": "layerwise",
+        "dataset": "D",
+        "config": {"seed": seed},
+        "student": {"val_acc": acc, "history": []},
+        "sweep": {"dir": sweep_dir, "id": sweep_id, "overrides": [f"seed={seed}"]},
+    }
+    (folder / "results.json").write_text(json.dumps(result))
+
+
+def test_report_refuses_a_directory_with_two_sweeps(tmp_path, capsys):
+    """A sweep dir reused by a smaller sweep keeps the old sweep's extra jobs: the report names
+    both sweeps instead of averaging them; --sweep picks one."""
+    _result(tmp_path / "0", "new", 0, 0.5)
+    _result(tmp_path / "1", "old", 1, 0.9)  # left over from the earlier, larger sweep
+    with pytest.raises(ValueError, match=r"(?s)directory x holds runs of 2 .*--sweep new: 1 runs"):
+        collect(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        report_main([str(tmp_path)])
+    assert exit_info.value.code == 2 and "--sweep old" in capsys.readouterr().err
+    assert [r["config"]["seed"] for r in collect(tmp_path, "new")] == [0]
+    # separate sweeps in separate directories (e.g. the distilled grid and the student alone)
+    _result(tmp_path / "student" / "0", "alone", 0, 0.4, sweep_dir="y")
+    assert len(collect(tmp_path, "alone")) == 1
+    (tmp_path / "1" / "results.json").unlink()
+    assert sorted(r["sweep"]["id"] for r in collect(tmp_path)) == ["alone", "new"]

@@ -1,0 +1,208 @@
+"""``layerkd-train`` killed with SIGKILL at any point leaves the teacher cache sound: no entry
+half-written, the lock free, the cached teacher intact, and the same command completes when
+rerun. Two jobs that need one teacher train it once; the second says whom it waits for.
+
+Each test starts the console script in its own session and kills the whole process group, so
+no process outlives a test, also when it fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers.app import TINY
+
+LAYERKD_TRAIN = str(Path(sys.executable).parent / "layerkd-train")
+# tests/test_app.py's TINY, with the epochs set per test
+FAST = [o for o in TINY if not o.startswith(("epochs=", "teacher_epochs="))]
+TIMEOUT = 240  # seconds for one run; a run takes about 10 s to start, 1 s per epoch
+
+
+@contextlib.contextmanager
+def launched(args: list[str], run_dir: Path, cache: Path) -> Iterator[subprocess.Popen]:
+    """``layerkd-train args`` in a new session writing ``<run_dir>.log``; on leaving, its
+    process group is killed if it still runs."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "LAYERKD_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    env["OMP_NUM_THREADS"] = "1"  # tiny networks; two jobs share the cores
+    with open(log_path(run_dir), "w") as log:
+        proc = subprocess.Popen(
+            [LAYERKD_TRAIN, *args, f"hydra.run.dir={run_dir}"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                kill_group(proc)
+
+
+def log_path(run_dir: Path) -> Path:
+    return run_dir.with_name(f"{run_dir.name}.log")
+
+
+def tail(run_dir: Path, lines: int = 40) -> str:
+    return "\n".join(log_path(run_dir).read_text().splitlines()[-lines:])
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group of ``proc`` and check that none of it is left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"processes of group {proc.pid} survived SIGKILL")
+
+
+def wait_for(
+    condition: Callable[[], bool], proc: subprocess.Popen, run_dir: Path, what: str
+) -> float:
+    """Poll ``condition`` while the job runs; returns the seconds waited."""
+    start = time.monotonic()
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"layerkd-train ended ({proc.returncode}) before {what}:\n{tail(run_dir)}")
+        if time.monotonic() - start > TIMEOUT:
+            pytest.fail(f"no {what} after {TIMEOUT} s:\n{tail(run_dir)}")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def complete(args: list[str], run_dir: Path, cache: Path) -> dict:
+    """Run ``layerkd-train args`` to the end; returns its results.json."""
+    with launched(args, run_dir, cache) as proc:
+        proc.wait(timeout=TIMEOUT)
+    assert proc.returncode == 0, tail(run_dir)
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def has_file(folder: Path, pattern: str) -> Callable[[], bool]:
+    return lambda: folder.is_dir() and any(folder.glob(pattern))
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_the_teacher_trains_leaves_no_entry_and_a_free_lock(tmp_path):
+    cache, killed = tmp_path / "cache", tmp_path / "killed"
+    teachers = cache / "teachers"
+    args = [*FAST, "epochs=1", "teacher_epochs=6"]  # six teacher epochs: time to kill one
+    with launched(args, killed, cache) as proc:
+        wait_for(
+            has_file(killed / "teacher" / "checkpoints", "*.ckpt"),
+            proc,
+            killed,
+            "teacher checkpoint (its first epoch)",
+        )
+        (lock,) = teachers.glob("*.lock")
+        assert lock.read_text().strip() == str(proc.pid)  # it holds the lock, and says so
+        kill_group(proc)
+    assert proc.returncode == -signal.SIGKILL
+    # nothing half-written, no temporary file: the lock file is all there is
+    assert [p.name for p in teachers.iterdir()] == [lock.name]
+    with open(lock) as handle:  # the kernel freed the killed job's lock
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    results = complete(args, tmp_path / "rerun", cache)
+    assert results["teacher"]["cached"] is False and results["teacher"]["val_acc"] is not None
+    assert "waiting for the teacher" not in log_path(tmp_path / "rerun").read_text()
+    assert sorted(p.suffix for p in teachers.iterdir()) == [".json", ".lock", ".pt"]
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_the_student_trains_keeps_the_cached_teacher(tmp_path):
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    teachers = cache / "teachers"
+    args = [*FAST, "epochs=4", "teacher_epochs=1"]  # four student epochs: time to kill one
+    with launched(args, run_dir, cache) as proc:
+        wait_for(
+            has_file(run_dir / "checkpoints", "epoch=*.ckpt"),
+            proc,
+            run_dir,
+            "student checkpoint (its first epoch)",
+        )
+        kill_group(proc)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run_dir / "results.json").exists()
+    (weights,) = teachers.glob("*.pt")
+    meta = json.loads(weights.with_suffix(".json").read_text())
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    assert meta["val_acc"] is not None
+    assert all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    # The same command in a new folder: the killed run's folder may already hold last.ckpt
+    # (written right after the epoch checkpoint), which the app refuses to overwrite without
+    # ckpt_path=last; whether it does depends on when the kill lands.
+    rerun = tmp_path / "rerun"
+    results = complete(args, rerun, cache)
+    assert results["teacher"]["cached"] is True and results["teacher"]["key"] == meta["key"]
+    assert f"teacher loaded from cache {weights}" in log_path(rerun).read_text()
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == digest
+    assert [row["epoch"] for row in results["student"]["history"]] == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_two_jobs_needing_one_teacher_train_it_once_and_the_second_says_whom_it_waits_for(
+    tmp_path,
+):
+    """The first job takes the lock and is frozen (SIGSTOP) while it holds it; the second names
+    it and the teacher's weights, waits, and once the first has cached the teacher, loads it."""
+    cache, first_dir, second_dir = tmp_path / "cache", tmp_path / "first", tmp_path / "second"
+    teachers = cache / "teachers"
+    args = [*FAST, "epochs=1", "teacher_epochs=2"]
+
+    def lock_held_by(pid: int) -> Callable[[], bool]:
+        return lambda: any(p.read_text().strip() == str(pid) for p in teachers.glob("*.lock"))
+
+    with launched(args, first_dir, cache) as first:
+        wait_for(lock_held_by(first.pid), first, first_dir, "teacher lock held")
+        os.killpg(first.pid, signal.SIGSTOP)
+        try:
+            with launched(args, second_dir, cache) as second:
+                wait_for(
+                    lambda: "[layerkd] waiting" in log_path(second_dir).read_text(),
+                    second,
+                    second_dir,
+                    "waiting message",
+                )
+                assert not list(teachers.glob("*.pt"))  # it waits: nothing to load yet
+                os.killpg(first.pid, signal.SIGCONT)
+                first.wait(timeout=TIMEOUT)
+                second.wait(timeout=TIMEOUT)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(first.pid, signal.SIGCONT)
+    assert first.returncode == 0, tail(first_dir)
+    assert second.returncode == 0, tail(second_dir)
+    (lock,) = teachers.glob("*.lock")
+    weights = lock.with_suffix(".pt")
+    log = log_path(second_dir).read_text()
+    message = f"[layerkd] waiting for the teacher being trained by PID {first.pid} at {weights}"
+    assert log.count(message) == 1 and log.count("[layerkd] waiting") == 1
+    assert log.index(message) < log.index(f"teacher loaded from cache {weights}")
+    assert "[layerkd] waiting" not in log_path(first_dir).read_text()
+    cached = [
+        json.loads((d / "results.json").read_text())["teacher"]["cached"]
+        for d in (first_dir, second_dir)
+    ]
+    assert cached == [False, True]

@@ -1,0 +1,43 @@
+"""The app's test settings: tiny runs of the Hydra config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra import compose, initialize_config_module
+from lightning.pytorch import Callback, Trainer
+
+# epochs and batches small enough for seconds per run; every_n_epochs=1 so the callback acts
+TINY = [
+    "epochs=2",
+    "teacher_epochs=1",
+    "milestones=[1]",
+    "every_n_epochs=1",
+    "limit_train_batches=3",
+    "limit_val_batches=2",
+    "dataset.image_size=8",
+    "dataset.batch_size=16",
+    "trainer.enable_progress_bar=false",
+    "logger=none",
+]
+
+
+def config(*overrides: str):
+    with initialize_config_module(config_module="lightning_layerkd.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+class Killed(Exception):
+    """Stands for a job killed by the scheduler, an out-of-memory kill or Ctrl-C."""
+
+
+class KillAt(Callback):
+    """Raise :class:`Killed` as epoch ``epoch`` starts: the checkpoints of the epochs before it
+    are on disk, nothing of this one is (built from the config as ``callbacks.kill``)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: Any) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise Killed(f"killed as epoch {self.epoch} starts")
