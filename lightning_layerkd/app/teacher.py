@@ -31,6 +31,10 @@ from torch import nn
 
 from lightning_layerkd.module import DistillationModule
 
+from .logs import get_logger
+
+log = get_logger(__name__)
+
 
 class TeacherTrainingError(RuntimeError):
     """The teacher's fit gave a teacher not worth distilling from (nor caching): non-finite
@@ -73,10 +77,6 @@ def build_trainer(
     )
 
 
-def _say(message: str) -> None:
-    print(f"[layerkd] {message}", flush=True)
-
-
 @contextlib.contextmanager
 def _locked(path: Path, weights: Path) -> Iterator[None]:
     """An exclusive file lock, so concurrent sweep jobs never train the same teacher twice.
@@ -92,7 +92,7 @@ def _locked(path: Path, weights: Path) -> Iterator[None]:
             handle.seek(0)
             holder = handle.read().strip()
             who = f"PID {holder}" if holder.isdigit() else "another job (PID not written yet)"
-            _say(f"waiting for the teacher being trained by {who} at {weights}")
+            log.info(f"waiting for the teacher being trained by {who} at {weights}")
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             handle.truncate(0)
@@ -136,7 +136,7 @@ def data_fingerprint(datamodule: Any) -> dict[str, Any]:
     method = getattr(datamodule, "data_fingerprint", None)
     name = type(datamodule).__name__
     if method is None:
-        _say(
+        log.warning(
             f"{name} has no data_fingerprint(): the teacher cache tells its data apart by the "
             "dataset config only; give it a data_fingerprint() returning the data's identity"
         )
@@ -294,7 +294,7 @@ def _move_aside(path: Path, problem: str) -> None:
             break
         target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
     os.replace(path, target)
-    _say(
+    log.warning(
         f"the cached teacher file {path} is unusable ({problem}); moved it aside to "
         f"{target.name} and retraining the teacher"
     )
@@ -310,7 +310,9 @@ def _cached(
         return None
     if not (weights.exists() and meta_path.exists()):
         found, missing = (weights, meta_path) if weights.exists() else (meta_path, weights)
-        _say(f"found {found} without {missing.name} (a run stopped while caching it); retraining")
+        log.warning(
+            f"found {found} without {missing.name} (a run stopped while caching it); retraining"
+        )
         return None
     current = meta_path
     try:
@@ -324,7 +326,7 @@ def _cached(
         if owner:
             _move_aside(current, str(err))
         else:
-            _say(f"the cached teacher file {current} is unusable ({err}); retraining")
+            log.warning(f"the cached teacher file {current} is unusable ({err}); retraining")
         return None
     load_teacher(teacher, state, weights)
     return meta
@@ -334,7 +336,7 @@ def _remove_leftovers(cache_dir: Path, key: str) -> None:
     """Temporary files of this entry (held under its lock) come from a killed run."""
     for stale in sorted(cache_dir.glob(f".{key}.*.tmp")):
         stale.unlink(missing_ok=True)
-        _say(f"removed {stale}, left by a run killed while caching its teacher")
+        log.info(f"removed {stale}, left by a run killed while caching its teacher")
 
 
 def train_teacher(cfg: DictConfig, datamodule: Any, teacher: nn.Module, root: Path) -> dict:
@@ -354,8 +356,9 @@ def train_teacher(cfg: DictConfig, datamodule: Any, teacher: nn.Module, root: Pa
         meta = _cached(teacher, weights, meta_path, built, owner=rank == 0)
         if meta is not None:
             meta["cached"] = True
-            _say(f"teacher loaded from cache {weights}")
+            log.info(f"teacher loaded from cache {weights}")
             return meta
+        log.info(f"training the teacher for {cfg.teacher_epochs} epochs; caching it at {weights}")
         pl.seed_everything(cfg.seed, workers=True)
         module = DistillationModule(
             None,

@@ -21,7 +21,10 @@ from lightning_layerkd.functional.divergence import js_divergence
 from lightning_layerkd.functional.maps import to_distribution
 from lightning_layerkd.methods import MapMethod
 
+from .logs import get_logger
 from .map_images import figure_to_rgb, grid_shape, sample_maps_figure, weight_maps_figure
+
+log = get_logger(__name__)
 
 
 def has_credentials() -> bool:
@@ -50,8 +53,8 @@ def make_wandb_logger(
         os.environ["WANDB_MODE"] = mode = "offline"
     if mode in ("offline", "dryrun"):
         runs = Path(save_dir) / "wandb"
-        print(
-            f"[layerkd] wandb is offline (no credentials or WANDB_MODE={mode}); runs are saved "
+        log.info(
+            f"wandb is offline (no credentials or WANDB_MODE={mode}); runs are saved "
             f"under {runs}; upload them later with `wandb sync {runs}/offline-run-*`"
         )
     logger = WandbLogger(

@@ -4,6 +4,7 @@ fail before training."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -550,14 +551,15 @@ CORRUPTIONS = {
 
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
 def test_a_corrupt_cache_entry_is_moved_aside_and_the_teacher_retrained(
-    corruption, good_teacher_entry, tmp_path, cache, capsys
+    corruption, good_teacher_entry, tmp_path, cache, caplog
 ):
+    caplog.set_level(logging.INFO, logger="lightning_layerkd.app")
     weights, meta = _install(good_teacher_entry, cache)
     suffix, corrupt = CORRUPTIONS[corruption]
     bad = weights if suffix == ".pt" else meta
     corrupt(bad)
     results = run(config(*ONE_EPOCH), tmp_path / "a")
-    out = capsys.readouterr().out
+    out = caplog.text
     assert results["teacher"]["cached"] is False
     (aside,) = bad.parent.glob(f"{bad.name}.corrupt-*")
     assert f"{bad}" in out and aside.name in out and "retraining" in out
@@ -575,7 +577,7 @@ def test_the_teacher_lock_holds_the_holders_pid(tmp_path):
 
 
 def test_a_job_waiting_for_the_teacher_says_whom_it_waits_for_then_loads_it(
-    good_teacher_entry, tmp_path, cache, capsys, monkeypatch
+    good_teacher_entry, tmp_path, cache, caplog, monkeypatch
 ):
     """Another job (here a thread with PID 4242 in the lock file) trains the teacher; this job
     waits for the lock, says so once, then loads the teacher that job cached."""
@@ -605,6 +607,7 @@ def test_a_job_waiting_for_the_teacher_says_whom_it_waits_for_then_loads_it(
         handle.close()
 
     monkeypatch.setattr(fcntl, "flock", observed_flock)
+    caplog.set_level(logging.INFO, logger="lightning_layerkd.app")
     holder = threading.Thread(target=other_job)
     holder.start()
     try:
@@ -612,22 +615,23 @@ def test_a_job_waiting_for_the_teacher_says_whom_it_waits_for_then_loads_it(
     finally:
         blocked.set()
         holder.join()
-    out = capsys.readouterr().out
-    message = f"[layerkd] waiting for the teacher being trained by PID 4242 at {weights}"
+    out = caplog.text
+    message = f"waiting for the teacher being trained by PID 4242 at {weights}"
     assert out.count(message) == 1
     assert results["teacher"]["cached"] is True
     assert out.index(message) < out.index(f"teacher loaded from cache {weights}")
 
 
 def test_leftover_temporary_files_of_a_killed_run_are_removed(
-    good_teacher_entry, tmp_path, cache, capsys
+    good_teacher_entry, tmp_path, cache, caplog
 ):
+    caplog.set_level(logging.INFO, logger="lightning_layerkd.app")
     weights, _ = _install(good_teacher_entry, cache)
     leftovers = [weights.with_name(f".{weights.stem}.{s}.99999.tmp") for s in ("pt", "json")]
     for leftover in leftovers:
         leftover.write_bytes(b"half")
     assert run(config(*ONE_EPOCH), tmp_path)["teacher"]["cached"] is True
-    out = capsys.readouterr().out
+    out = caplog.text
     assert not any(p.exists() for p in leftovers)
     assert all(f"removed {p}, left by a run killed" in out for p in leftovers)
 

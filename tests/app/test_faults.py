@@ -180,7 +180,7 @@ def test_two_jobs_needing_one_teacher_train_it_once_and_the_second_says_whom_it_
         try:
             with launched(args, second_dir, cache) as second:
                 wait_for(
-                    lambda: "[layerkd] waiting" in log_path(second_dir).read_text(),
+                    lambda: "waiting for the teacher" in log_path(second_dir).read_text(),
                     second,
                     second_dir,
                     "waiting message",
@@ -197,10 +197,10 @@ def test_two_jobs_needing_one_teacher_train_it_once_and_the_second_says_whom_it_
     (lock,) = teachers.glob("*.lock")
     weights = lock.with_suffix(".pt")
     log = log_path(second_dir).read_text()
-    message = f"[layerkd] waiting for the teacher being trained by PID {first.pid} at {weights}"
-    assert log.count(message) == 1 and log.count("[layerkd] waiting") == 1
+    message = f"waiting for the teacher being trained by PID {first.pid} at {weights}"
+    assert log.count(message) == 1 and log.count("waiting for the teacher") == 1
     assert log.index(message) < log.index(f"teacher loaded from cache {weights}")
-    assert "[layerkd] waiting" not in log_path(first_dir).read_text()
+    assert "waiting for the teacher" not in log_path(first_dir).read_text()
     cached = [
         json.loads((d / "results.json").read_text())["teacher"]["cached"]
         for d in (first_dir, second_dir)
