@@ -82,14 +82,20 @@ def resume_from(cfg: DictConfig, root: Path, callbacks: list[Callback]) -> str |
 
 def sweep_identity() -> dict[str, Any]:
     """Which sweep (``-m``) or single run this job belongs to: the directory and a hash of the
-    sweep's overrides but ``ckpt_path`` (a resumed job stays in its sweep), so that
+    sweep's overrides but ``ckpt_path`` (a resumed job stays in its sweep, also when run on its
+    own with ``hydra.run.dir=<sweep dir>/<job>``), so that
     ``layerkd-report`` can refuse a directory that mixes sweeps."""
     try:
         hydra_cfg = HydraConfig.get()
     except ValueError:  # not under Hydra (the Python API)
         return {}
+    output = Path(hydra_cfg.runtime.output_dir)
     if hydra_cfg.mode == RunMode.MULTIRUN:
         folder = Path(hydra_cfg.sweep.dir)
+        spec = OmegaConf.load(folder / "multirun.yaml").hydra.overrides.task
+    elif output.name.isdigit() and (output.parent / "multirun.yaml").is_file():
+        # a sweep's job run on its own (resumed, or started after the sweep was stopped)
+        folder = output.parent
         spec = OmegaConf.load(folder / "multirun.yaml").hydra.overrides.task
     else:
         folder, spec = Path(hydra_cfg.runtime.output_dir), hydra_cfg.overrides.task

@@ -31,6 +31,7 @@ from torch import nn
 
 from lightning_layerkd.module import DistillationModule
 
+from . import signals
 from .logs import get_logger
 
 log = get_logger(__name__)
@@ -69,7 +70,7 @@ def build_trainer(
     return pl.Trainer(
         max_epochs=epochs,
         default_root_dir=str(root),
-        callbacks=callbacks,
+        callbacks=[*callbacks, signals.StopOnSigterm()],
         logger=logger,
         limit_train_batches=cfg.limit_train_batches,
         limit_val_batches=cfg.limit_val_batches,
@@ -371,7 +372,8 @@ def train_teacher(cfg: DictConfig, datamodule: Any, teacher: nn.Module, root: Pa
         )
         history = EpochHistory()
         trainer = build_trainer(cfg, cfg.teacher_epochs, root / "teacher", [history], False)
-        trainer.fit(module, datamodule=datamodule)
+        with signals.deferred():  # SIGTERM: Lightning stops the fit, nothing is cached
+            trainer.fit(module, datamodule=datamodule)
         check_teacher(teacher, history, cfg, built)
         meta = {
             "key": key,
@@ -380,7 +382,8 @@ def train_teacher(cfg: DictConfig, datamodule: Any, teacher: nn.Module, root: Pa
             "epochs": cfg.teacher_epochs,
         }
         if rank == 0:
-            atomic_write(weights, lambda p: torch.save(teacher.state_dict(), p))
-            atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2)))
+            with signals.deferred():  # the whole entry, then SIGTERM's stop
+                atomic_write(weights, lambda p: torch.save(teacher.state_dict(), p))
+                atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2)))
         meta["cached"] = False
         return meta

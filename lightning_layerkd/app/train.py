@@ -37,7 +37,7 @@ from lightning_layerkd.layerwise_lr.callback import LayerwiseLRCallback
 from lightning_layerkd.methods import DistillationMethod, InformationFlow
 from lightning_layerkd.module import BASE_GROUP, DistillationModule
 
-from . import ConfigError
+from . import ConfigError, signals
 from .runs import StudentHistory, resume_from, sweep_identity
 from .teacher import EpochHistory, TeacherTrainingError, atomic_write, build_trainer, train_teacher
 
@@ -210,6 +210,7 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
     """Run both stages for one config and return (and write) the results."""
     start = time.time()
     root = Path(output_dir or HydraConfig.get().runtime.output_dir)
+    signals.remember_job(root)
     OmegaConf.update(cfg, "output_dir", str(root), force_add=True)
     method = check_config(cfg)
     root.mkdir(parents=True, exist_ok=True)
@@ -252,7 +253,8 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
         pl.seed_everything(cfg.seed, workers=True)
         seen = EpochHistory()
         trainer = build_trainer(cfg, cfg.epochs, root / "auxiliary", [seen], False)
-        trainer.fit(distiller(teacher, auxiliary, []), datamodule=datamodule)
+        with signals.deferred():  # SIGTERM stops the fit after a batch (Lightning's handler)
+            trainer.fit(distiller(teacher, auxiliary, []), datamodule=datamodule)
         auxiliary_meta = {
             "width": int(cfg.model.student.width) * 2,
             "val_acc": seen.last(),
@@ -267,7 +269,8 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
     make_loader = datamodule.train_dataloader  # the student's: its generators are resumed
     datamodule.train_dataloader = lambda: history.restore(make_loader())
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        with signals.deferred():
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
         del datamodule.train_dataloader
         if isinstance(logger, WandbLogger):  # one wandb run per job, also when a job fails
@@ -315,10 +318,11 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
             teacher, student, module.layer_pairs, batches
         )
     if trainer.is_global_zero:
-        atomic_write(
-            root / "results.json",
-            lambda p: p.write_text(json.dumps(results, indent=2, default=str)),
-        )
+        with signals.deferred():  # a complete results.json, then the stop
+            atomic_write(
+                root / "results.json",
+                lambda p: p.write_text(json.dumps(results, indent=2, default=str)),
+            )
     return results
 
 
@@ -363,5 +367,24 @@ def main(cfg: DictConfig) -> float | None:
     return results["student"]["val_acc"]
 
 
+def cli() -> None:
+    """The ``layerkd-train`` command: :func:`main` with SIGTERM handled (status 143 and how to
+    resume, also for a sweep) and Hydra's own configuration errors (an unknown group, option or
+    key) given status 2 like ours."""
+    signals.install()
+    try:
+        main()
+    except SystemExit as stop:
+        if signals.stopped(stop):
+            print(signals.stop_message(), file=sys.stderr)
+            sys.exit(signals.EXIT_SIGTERM)
+        if stop.code == 1 and not signals.job_started():  # Hydra's: before any job ran
+            sys.exit(2)
+        raise
+    except signals.Preempted:
+        print(signals.stop_message(), file=sys.stderr)
+        sys.exit(signals.EXIT_SIGTERM)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

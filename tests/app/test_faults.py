@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -206,3 +207,92 @@ def test_two_jobs_needing_one_teacher_train_it_once_and_the_second_says_whom_it_
         for d in (first_dir, second_dir)
     ]
     assert cached == [False, True]
+
+# ---------------------------------------------------------------------- SIGTERM (preemption)
+def stop_lines(run_dir: Path) -> list[str]:
+    return [line for line in log_path(run_dir).read_text().splitlines() if "layerkd-train:" in line]
+
+
+def hinted(line: str, marker: str) -> list[str]:
+    """The overrides of the command a stop message gives after ``marker``, less
+    ``hydra.run.dir`` (which :func:`launched` sets)."""
+    words = shlex.split(line.split(marker, 1)[1])
+    assert words[0] == "layerkd-train"
+    return [w for w in words[1:] if not w.startswith("hydra.run.dir=")]
+
+
+def no_temporary_files(*folders: Path) -> list[Path]:
+    return [p for folder in folders for p in folder.rglob("*.tmp")]
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_student_trains_exits_143_and_the_resumed_run_is_the_straight_one(
+    tmp_path,
+):
+    """SIGTERM (a scheduler's preemption) after the student's second epoch: status 143, the
+    last complete epoch's last.ckpt, one line with the command that resumes; that command
+    ends with exactly the results of a run never interrupted."""
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    args = [*FAST, "epochs=4", "teacher_epochs=1", "milestones=[2]"]
+    straight = complete(args, tmp_path / "straight", cache)  # also caches the teacher
+    with launched(args, run_dir, cache) as proc:
+        wait_for(has_file(run_dir / "checkpoints", "epoch=1-*.ckpt"), proc, run_dir, "epoch 1")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=TIMEOUT)
+    assert proc.returncode == 128 + signal.SIGTERM, tail(run_dir)
+    assert not (run_dir / "results.json").exists() and not no_temporary_files(run_dir, cache)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    assert saved["epoch"] >= 1  # a complete checkpoint of the last finished epoch
+    (line,) = stop_lines(run_dir)
+    marker = "layerkd-train: stopped by SIGTERM; resume with: "
+    assert line.startswith(marker) and line.endswith(f"hydra.run.dir={run_dir} ckpt_path=last")
+    resumed = complete(hinted(line, marker), run_dir, cache)
+    assert [row["epoch"] for row in resumed["student"]["history"]] == [0, 1, 2, 3]
+    for key in ("student", "final_lrs", "eta", "layerwise", "layer_pairs"):
+        assert resumed[key] == straight[key], key  # exactly: the same floats
+    assert resumed["teacher"] == {**straight["teacher"], "cached": True}
+    assert resumed["config"]["ckpt_path"] == "last"
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_teacher_trains_exits_143_and_caches_nothing(tmp_path):
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    teachers = cache / "teachers"
+    args = [*FAST, "epochs=1", "teacher_epochs=6"]
+    with launched(args, run_dir, cache) as proc:
+        wait_for(
+            has_file(run_dir / "teacher" / "checkpoints", "*.ckpt"), proc, run_dir, "teacher epoch"
+        )
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=TIMEOUT)
+    assert proc.returncode == 128 + signal.SIGTERM, tail(run_dir)
+    (lock,) = teachers.glob("*.lock")
+    assert [p.name for p in teachers.iterdir()] == [lock.name]  # no entry, no temporary file
+    with open(lock) as handle:  # released
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert not no_temporary_files(run_dir)
+    (line,) = stop_lines(run_dir)
+    assert line.startswith("layerkd-train: stopped by SIGTERM; no epoch was checkpointed; rerun")
+    assert line.endswith(f"hydra.run.dir={run_dir}")
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_sweep_with_143_and_names_the_jobs_that_did_not_run(tmp_path):
+    cache, sweep = tmp_path / "cache", tmp_path / "sweep"
+    args = ["-m", *FAST, "epochs=6", "teacher_epochs=1", "seed=0,1", f"hydra.sweep.dir={sweep}"]
+    with launched(args, tmp_path / "log", cache) as proc:
+        wait_for(has_file(sweep / "0" / "checkpoints", "epoch=0-*.ckpt"), proc, sweep, "epoch 0")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=TIMEOUT)
+    assert proc.returncode == 128 + signal.SIGTERM, tail(tmp_path / "log")
+    lines = stop_lines(tmp_path / "log")
+    assert lines[0].startswith("layerkd-train: stopped by SIGTERM; resume with: ")
+    assert lines[0].endswith(f"seed=0 hydra.run.dir={sweep / '0'} ckpt_path=last")
+    assert lines[1] == "layerkd-train: the sweep stopped at job 0; 1 of its 2 jobs did not run:"
+    log = log_path(tmp_path / "log").read_text()
+    (job,) = [line for line in log.splitlines() if line.startswith("  job ")]
+    assert job.startswith("  job 1: layerkd-train ") and job.endswith(
+        f" seed=1 hydra.run.dir={sweep / '1'}"
+    )
+    assert sorted(p.name for p in sweep.iterdir()) == ["0", "multirun.yaml"]
