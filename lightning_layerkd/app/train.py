@@ -38,8 +38,12 @@ from lightning_layerkd.methods import DistillationMethod, InformationFlow
 from lightning_layerkd.module import BASE_GROUP, DistillationModule
 
 from . import ConfigError, signals
+from .logs import get_logger, route_lightning_to_root
 from .runs import StudentHistory, resume_from, sweep_identity
+from .sweeps import share_cores
 from .teacher import EpochHistory, TeacherTrainingError, atomic_write, build_trainer, train_teacher
+
+log = get_logger(__name__)
 
 
 # ---------------------------------------------------------------------- building blocks
@@ -323,6 +327,7 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
                 root / "results.json",
                 lambda p: p.write_text(json.dumps(results, indent=2, default=str)),
             )
+        log.info(f"wrote {root / 'results.json'}")
     return results
 
 
@@ -353,7 +358,10 @@ def _pct(value: float | None) -> str:
 @hydra.main(version_base="1.3", config_path="pkg://lightning_layerkd.conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """``layerkd-train``: one job per config; ``-m`` runs a sweep. A configuration mistake
-    prints its message and exits with status 2; a run that cannot learn, with status 1."""
+    prints its message and exits with status 2; a run that cannot learn, with status 1.
+    Returns the student's best validation accuracy (what ``hparams_search`` maximises)."""
+    route_lightning_to_root()
+    share_cores()
     try:
         results = run(cfg)
     except ConfigError as err:
@@ -364,7 +372,7 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(1)
     if getattr(rank_zero_only, "rank", 0) == 0:
         print(format_result(results))
-    return results["student"]["val_acc"]
+    return results["student"]["best_val_acc"]
 
 
 def cli() -> None:
