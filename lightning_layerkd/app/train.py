@@ -38,6 +38,7 @@ from lightning_layerkd.methods import DistillationMethod, InformationFlow
 from lightning_layerkd.module import BASE_GROUP, DistillationModule
 
 from . import ConfigError, signals
+from .identity import RunIdentity, run_identity
 from .logs import get_logger, route_lightning_to_root
 from .runs import StudentHistory, resume_from, sweep_identity
 from .sweeps import share_cores
@@ -229,7 +230,10 @@ def run(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
         layers = check_layers(method, source, student, layers, example, cfg.num_crucial_layers)
     history = StudentHistory()
     callbacks, layerwise = _callbacks(cfg, history)
+    identity = RunIdentity(run_identity(cfg, datamodule))  # in the checkpoints: a resume is
+    callbacks.append(identity)  # refused unless it is the same run
     ckpt_path = resume_from(cfg, root, callbacks)
+    identity.check(ckpt_path)
 
     teacher_meta: dict[str, Any] = {}
     if method.needs_teacher:

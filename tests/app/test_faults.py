@@ -208,6 +208,7 @@ def test_two_jobs_needing_one_teacher_train_it_once_and_the_second_says_whom_it_
     ]
     assert cached == [False, True]
 
+
 # ---------------------------------------------------------------------- SIGTERM (preemption)
 def stop_lines(run_dir: Path) -> list[str]:
     return [line for line in log_path(run_dir).read_text().splitlines() if "layerkd-train:" in line]

@@ -6,6 +6,7 @@ never trained into afresh, and a missing checkpoint is a clear error."""
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -195,3 +196,61 @@ def test_a_job_resumed_from_the_command_line_keeps_its_sweep_identity(
     assert_same(after["student"], before["student"], "student")
     assert_same(after["final_lrs"], before["final_lrs"], "final_lrs")
     assert checkpoints(run_dir) == ["epoch=0-step=3.ckpt", "last.ckpt"]
+
+
+def test_a_resume_with_another_command_is_refused_listing_the_differences(
+    tmp_path: Path, cache: Path
+) -> None:
+    """Killed after epoch 0 with attention maps, resumed with ``method=jacobian lr=0.02``:
+    refused before anything trains, each difference named (checkpoint -> this command); the
+    same command still resumes."""
+    run_dir = tmp_path / "run"
+    kill = ["+callbacks.kill._target_=tests.helpers.app.KillAt", "+callbacks.kill.epoch=1"]
+    with pytest.raises(Killed):
+        run(config(*THREE, *kill), run_dir)
+    before = {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()}
+    with pytest.raises(ConfigError) as err:
+        run(config(*THREE, "method=jacobian", "lr=0.02", "ckpt_path=last"), run_dir)
+    message = str(err.value)
+    assert message.startswith(
+        f"ckpt_path: {run_dir / 'checkpoints' / 'last.ckpt'} was written by a run with other "
+        "settings; a resume must be the same command"
+    )
+    listed = message.split("Differences (checkpoint -> this command):\n")[1].splitlines()
+    assert "  lr: 0.05 -> 0.02" in listed
+    assert (
+        "  method._target_: 'lightning_layerkd.methods.AttentionMaps' -> "
+        "'lightning_layerkd.methods.JacobianMaps'"
+    ) in listed
+    assert "  optimizer.lr: 0.05 -> 0.02" in listed
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()} == before
+    resumed = run(config(*THREE, "ckpt_path=last"), run_dir)  # the same command resumes
+    assert [row["epoch"] for row in resumed["student"]["history"]] == [0, 1, 2]
+
+
+def test_a_truncated_last_ckpt_or_a_teacher_checkpoint_is_refused_with_the_way_out(
+    tmp_path: Path, cache: Path
+) -> None:
+    overrides = [*THREE, "epochs=2", "milestones=[1]"]
+    run_dir = tmp_path / "run"
+    kill = ["+callbacks.kill._target_=tests.helpers.app.KillAt", "+callbacks.kill.epoch=1"]
+    with pytest.raises(Killed):
+        run(config(*overrides, *kill), run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])  # the file system lost its end
+    epoch = run_dir / "checkpoints" / "epoch=0-step=3.ckpt"
+    with pytest.raises(ConfigError) as err:
+        run(config(*overrides, "ckpt_path=last"), run_dir)
+    assert str(err.value).startswith(
+        f"ckpt_path: the checkpoint {last} cannot be read, it is truncated or damaged ("
+    )
+    assert str(err.value).endswith(
+        f"copy the newest epoch checkpoint over it (cp {shlex.quote(str(epoch))} "
+        f"{shlex.quote(str(last))}) and resume again"
+    )
+    (teacher,) = (run_dir / "teacher" / "checkpoints").glob("*.ckpt")
+    with pytest.raises(ConfigError, match="is not a checkpoint of a layerkd-train student"):
+        run(config(*overrides, f"ckpt_path='{teacher}'"), tmp_path / "other")
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(epoch.read_bytes())  # the way out
+    resumed = run(config(*overrides, "ckpt_path=last"), run_dir)
+    assert [row["epoch"] for row in resumed["student"]["history"]] == [0, 1]
