@@ -3,8 +3,12 @@ the sweep a job belongs to (so that ``layerkd-report`` never mixes two sweeps)."
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +17,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from . import ConfigError
@@ -80,6 +85,48 @@ def resume_from(cfg: DictConfig, root: Path, callbacks: list[Callback]) -> str |
     return None if path is None else str(path)
 
 
+@contextlib.contextmanager
+def run_dir_lock(root: Path) -> Iterator[None]:
+    """One job per run directory: an exclusive lock on ``<root>/.layerkd.lock`` (holding the
+    PID) for the whole run; a second job into the same directory is a :class:`ConfigError` that
+    names the holder. The kernel frees the lock of a killed job. Under DDP only rank 0 locks
+    (Lightning starts the other ranks into the same directory)."""
+    if getattr(rank_zero_only, "rank", 0) != 0:
+        yield
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".layerkd.lock", "a+") as handle:  # "a+": never truncates the holder's PID
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            who = f"PID {holder}" if holder.isdigit() else "a job that is starting"
+            raise ConfigError(
+                f"the run directory {root} is in use by another layerkd-train job ({who}); "
+                "wait for it to end, or choose another hydra.run.dir (two jobs in one "
+                "directory would mix their checkpoints and results)"
+            ) from None
+        try:
+            handle.truncate(0)
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            yield
+        finally:
+            handle.truncate(0)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _sweep_overrides(hydra_cfg: Any, folder: Path) -> list[Any]:
+    """The sweep's overrides: its ``multirun.yaml``'s (Hydra's basic sweeper writes one), or,
+    under a sweeper that writes none (Optuna's), this job's less the parameters it searches."""
+    if (folder / "multirun.yaml").is_file():
+        return list(OmegaConf.load(folder / "multirun.yaml").hydra.overrides.task)
+    searched = set(hydra_cfg.sweeper.get("params") or {})
+    task = hydra_cfg.overrides.task
+    return [o for o in task if str(o).split("=", 1)[0].lstrip("+~") not in searched]
+
+
 def sweep_identity() -> dict[str, Any]:
     """Which sweep (``-m``) or single run this job belongs to: the directory and a hash of the
     sweep's overrides but ``ckpt_path`` (a resumed job stays in its sweep, also when run on its
@@ -92,7 +139,7 @@ def sweep_identity() -> dict[str, Any]:
     output = Path(hydra_cfg.runtime.output_dir)
     if hydra_cfg.mode == RunMode.MULTIRUN:
         folder = Path(hydra_cfg.sweep.dir)
-        spec = OmegaConf.load(folder / "multirun.yaml").hydra.overrides.task
+        spec = _sweep_overrides(hydra_cfg, folder)
     elif output.name.isdigit() and (output.parent / "multirun.yaml").is_file():
         # a sweep's job run on its own (resumed, or started after the sweep was stopped)
         folder = output.parent

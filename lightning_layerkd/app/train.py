@@ -40,7 +40,7 @@ from lightning_layerkd.module import BASE_GROUP, DistillationModule
 from . import ConfigError, signals
 from .identity import RunIdentity, run_identity
 from .logs import get_logger, route_lightning_to_root
-from .runs import StudentHistory, resume_from, sweep_identity
+from .runs import StudentHistory, resume_from, run_dir_lock, sweep_identity
 from .sweeps import share_cores
 from .teacher import EpochHistory, TeacherTrainingError, atomic_write, build_trainer, train_teacher
 
@@ -212,9 +212,15 @@ def build_datamodule(cfg: DictConfig) -> Any:
 
 # ---------------------------------------------------------------------- the run
 def run(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, Any]:
-    """Run both stages for one config and return (and write) the results."""
-    start = time.time()
+    """Run both stages for one config and return (and write) the results; the run directory
+    is locked for the whole run (one job per directory)."""
     root = Path(output_dir or HydraConfig.get().runtime.output_dir)
+    with run_dir_lock(root):
+        return _run(cfg, root)
+
+
+def _run(cfg: DictConfig, root: Path) -> dict[str, Any]:
+    start = time.time()
     signals.remember_job(root)
     OmegaConf.update(cfg, "output_dir", str(root), force_add=True)
     method = check_config(cfg)

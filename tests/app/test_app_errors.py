@@ -14,6 +14,7 @@ import pytest
 
 from lightning_layerkd.app.report import collect
 from lightning_layerkd.app.report import main as report_main
+from lightning_layerkd.app.runs import run_dir_lock
 from lightning_layerkd.app.train import ConfigError, run
 from lightning_layerkd.guards import NonFiniteLossError
 from tests.helpers.app import TINY, config
@@ -106,3 +107,45 @@ def test_report_refuses_a_directory_with_two_sweeps(tmp_path, capsys):
     assert len(collect(tmp_path, "alone")) == 1
     (tmp_path / "1" / "results.json").unlink()
     assert sorted(r["sweep"]["id"] for r in collect(tmp_path)) == ["alone", "new"]
+
+
+# ---------------------------------------------------------------------- one job per run dir
+LAYERKD_TRAIN = str(Path(sys.executable).parent / "layerkd-train")
+
+
+def test_a_second_job_into_a_busy_run_directory_is_refused_with_the_holders_pid(tmp_path, cache):
+    run_dir = tmp_path / "run"
+    with run_dir_lock(run_dir):  # this process stands for the first job
+        with pytest.raises(ConfigError) as err:
+            run(config(*TINY), run_dir)
+        out = subprocess.run(
+            [LAYERKD_TRAIN, *TINY, f"hydra.run.dir={run_dir}"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    message = (
+        f"the run directory {run_dir} is in use by another layerkd-train job (PID {os.getpid()}); "
+        "wait for it to end, or choose another hydra.run.dir"
+    )
+    assert str(err.value).startswith(message)
+    assert out.returncode == 2 and f"layerkd-train: error: {message}" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not {"checkpoints", "teacher", "results.json"} & {p.name for p in run_dir.iterdir()}
+    assert list(cache.rglob("*.pt")) == []
+
+
+def test_two_jobs_started_in_the_same_second_get_their_own_run_directories(tmp_path, cache):
+    """The default hydra.run.dir: two jobs started together (each stopping at a config
+    mistake, after Hydra made its directory) never share one."""
+    jobs = [
+        subprocess.Popen(
+            [LAYERKD_TRAIN, "epochs=abc"], cwd=tmp_path, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    for job in jobs:
+        assert job.wait(timeout=300) == 2, job.stderr.read()
+        job.stderr.close()
+    (day,) = (tmp_path / "outputs").iterdir()
+    assert len(list(day.iterdir())) == 2
