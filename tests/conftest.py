@@ -11,6 +11,7 @@ The builders are plain module-level functions (picklable, so they also work with
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,9 +58,10 @@ def _restore_torch_global_state():
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     """The test networks are tiny: intra-op threads only add overhead, badly so on a busy
-    2-core machine."""
+    2-core machine. ``LAYERKD_TEST_THREADS=2`` runs the suite with 2 (results must not depend
+    on it)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("LAYERKD_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(threads)
 
