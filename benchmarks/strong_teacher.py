@@ -323,17 +323,29 @@ def run_grid(args: argparse.Namespace) -> None:
             log.info(line)
 
 
+def _paired(rows: list[dict[str, Any]], base: list[dict[str, Any]]) -> str:
+    """Mean ± std of the accuracy differences to ``base``, paired by seed, and their count."""
+    by_seed = {r["seed"]: r["test_accuracy"] for r in base}
+    diffs = [r["test_accuracy"] - by_seed[r["seed"]] for r in rows if r["seed"] in by_seed]
+    if not diffs or rows is base:
+        return "-"
+    d_std = statistics.stdev(diffs) if len(diffs) > 1 else math.nan
+    return f"{statistics.mean(diffs):+.2f} ± {d_std:.2f} ({len(diffs)})"
+
+
 def report(out: Path) -> str:
-    """The mean ± std table of ``out``, one row per (configuration, learning rate)."""
+    """The mean ± std table of ``out``, one row per (configuration, learning rate), with the
+    differences to the student alone and, for a schedule, to its maps' constant schedule at the
+    same rate, both paired by seed."""
     runs: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for path in sorted(out.glob("*__seed*.json")):
         record = json.loads(path.read_text())
         runs.setdefault((record["config"], record.get("lr", 0.05)), []).append(record)
     teacher = json.loads((out / "teacher.json").read_text())["test_accuracy"]
     lines = [
-        "| configuration | lr | student accuracy (%) | seeds | minus the student alone at this lr, "
-        "paired by seed (points) | final crucial-layer lr / base lr |",
-        "|---|---|---|---|---|---|",
+        "| configuration | lr | student accuracy (%) | seeds | minus the student alone "
+        "(paired, seeds) | minus the constant schedule (paired, seeds) | crucial lr / base lr |",
+        "|---|---|---|---|---|---|---|",
     ]
     order = {name: i for i, name in enumerate(CONFIGS)}
     for name, lr in sorted(runs, key=lambda k: (k[1], order.get(k[0], 1e9))):
@@ -347,16 +359,19 @@ def report(out: Path) -> str:
             if k != "base"
         ]
         spread = f"{min(ratios):.3g} - {max(ratios):.3g}" if ratios else "-"
-        alone = {r["seed"]: r["test_accuracy"] for r in runs.get(("student", lr), [])}
-        diffs = [r["test_accuracy"] - alone[r["seed"]] for r in rows if r["seed"] in alone]
-        paired = "-"
-        if name != "student" and diffs:
-            d_std = statistics.stdev(diffs) if len(diffs) > 1 else math.nan
-            paired = f"{statistics.mean(diffs):+.2f} ± {d_std:.2f} ({len(diffs)})"
-        mean = statistics.mean(accs)
-        cells = [name, f"{lr:g}", f"{mean:.2f} ± {std:.2f}", str(len(accs)), paired, spread]
+        maps, _, schedule = name.partition("/")
+        constant = runs.get((f"{maps}/constant", lr), []) if schedule != "constant" else []
+        cells = [
+            name,
+            f"{lr:g}",
+            f"{statistics.mean(accs):.2f} ± {std:.2f}",
+            str(len(accs)),
+            _paired(rows, runs.get(("student", lr), rows)),
+            _paired(rows, constant) if schedule else "-",
+            spread,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append(f"| teacher | - | {teacher:.2f} | - | - | - |")
+    lines.append(f"| teacher | - | {teacher:.2f} | - | - | - | - |")
     return "\n".join(lines)
 
 
