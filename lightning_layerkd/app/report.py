@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from lightning_layerkd.methods import method_names
 
 #: Table 1's names for the schedules (Kokane et al. 2024).
@@ -155,6 +157,43 @@ def _raw_cell(values: Sequence[float]) -> str:
     return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g} (n={len(values)})"
 
 
+def search_trials(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]], int] | None:
+    """The trials of a search (``hparams_search=optuna``): a row per run whose sweeper searched
+    parameters (its ``.hydra/hydra.yaml``), in trial order, with the searched values (from its
+    config) and the student's best validation accuracy, the objective; and the index of the
+    best row (the first of the highest). ``None`` when no run comes from a search."""
+    found = []
+    for run in runs:
+        saved = Path(run["_dir"]) / ".hydra" / "hydra.yaml"
+        if not saved.is_file():
+            continue
+        hydra_cfg = OmegaConf.load(saved).hydra
+        params = hydra_cfg.sweeper.get("params")
+        if params and "Optuna" in str(hydra_cfg.sweeper.get("_target_")):
+            found.append((int(hydra_cfg.job.num), list(params), run))
+    if not found:
+        return None
+    found.sort(key=lambda trial: trial[0])
+    names = list(dict.fromkeys(name for _, params, _ in found for name in params))
+    header = ["Trial", *names, "Best val acc (%)", "Best epoch"]
+    rows, scores = [], []
+    for num, _, run in found:
+        config = OmegaConf.create(run["config"])
+        values = [OmegaConf.select(config, name) for name in names]
+        student = run["student"]
+        best = student.get("best_val_acc")
+        scores.append(-math.inf if best is None or math.isnan(best) else best)
+        rows.append(
+            [
+                str(num),
+                *[f"{v:.4g}" if isinstance(v, float) else str(v) for v in values],
+                "-" if best is None else f"{100 * best:.2f}",
+                str(student.get("best_epoch")),
+            ]
+        )
+    return header, rows, scores.index(max(scores))
+
+
 def plot_curves(runs: list[dict[str, Any]], path: Path) -> Path:
     """Validation accuracy per epoch, one panel per (dataset, method) and one line per schedule:
     the mean over seeds with a band of one standard deviation (Figure 2 style)."""
@@ -228,6 +267,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         d_text = markdown(d_header, d_rows)
         print("\nFinal validation divergence per crucial layer:\n" + d_text)
         (out / "divergences.md").write_text(d_text + "\n")
+    trials = search_trials(runs)
+    if trials is not None:
+        t_header, t_rows, best = trials
+        t_text = markdown(t_header, t_rows)
+        chosen = ", ".join(
+            f"{k}={v}" for k, v in zip(t_header[1:-2], t_rows[best][1:-2], strict=True)
+        )
+        t_text += (
+            f"\n\nBest: trial {t_rows[best][0]} ({chosen}): best val acc {t_rows[best][-2]}% "
+            f"at epoch {t_rows[best][-1]}"
+        )
+        print(f"\nSearch trials ({len(t_rows)}):\n" + t_text)
+        (out / "trials.md").write_text(t_text + "\n")
     png = plot_curves(runs, out / "curves.png")
     # every run's results.json in one file, folders relative to DIR: the evidence behind the table
     for run in runs:
