@@ -20,8 +20,8 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from . import ConfigError
+from .cache_key import data_fingerprint
 from .logs import get_logger
-from .teacher import data_fingerprint
 
 log = get_logger(__name__)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import itertools
 import json
 import math
@@ -26,12 +25,13 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from lightning_layerkd.module import DistillationModule
 
-from . import signals
+from . import ConfigError, signals
+from .cache_key import data_fingerprint, teacher_cache_key, trainer_options
 from .logs import get_logger
 
 log = get_logger(__name__)
@@ -66,15 +66,11 @@ def build_trainer(
     cfg: DictConfig, epochs: int, root: Path, callbacks: list[Callback], logger: Any
 ) -> pl.Trainer:
     """A ``Trainer`` from ``cfg.trainer`` for ``epochs`` epochs under ``root``."""
-    options: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     return pl.Trainer(
-        max_epochs=epochs,
         default_root_dir=str(root),
         callbacks=[*callbacks, signals.StopOnSigterm()],
         logger=logger,
-        limit_train_batches=cfg.limit_train_batches,
-        limit_val_batches=cfg.limit_val_batches,
-        **options,
+        **trainer_options(cfg, epochs),
     )
 
 
@@ -124,63 +120,6 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
             os.fsync(folder)
         finally:
             os.close(folder)
-
-
-# ---------------------------------------------------------------------- the cache key
-#: Lightning's shorthands of a precision, by the name it resolves them to.
-_PRECISION_ALIASES = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}
-
-
-def data_fingerprint(datamodule: Any) -> dict[str, Any]:
-    """The datamodule's ``data_fingerprint()`` (an identity of its data on disk; ``{}`` for
-    bundled data), checked to be a JSON-serialisable dict."""
-    method = getattr(datamodule, "data_fingerprint", None)
-    name = type(datamodule).__name__
-    if method is None:
-        log.warning(
-            f"{name} has no data_fingerprint(): the teacher cache tells its data apart by the "
-            "dataset config only; give it a data_fingerprint() returning the data's identity"
-        )
-        return {}
-    fingerprint = method()
-    if not isinstance(fingerprint, dict):
-        raise TypeError(
-            f"{name}.data_fingerprint() returned {type(fingerprint).__name__}; expected a "
-            "JSON-serialisable dict identifying the data"
-        )
-    return fingerprint
-
-
-def teacher_cache_key(cfg: DictConfig, data: Mapping[str, Any]) -> str:
-    """Key of the teacher cache: the data (``data``, the datamodule's :func:`data_fingerprint`,
-    and the dataset config but its path and workers), the architecture, epochs, seed,
-    optimisation settings and the trainer's precision. The same data in another folder gives
-    the same key."""
-    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
-    assert isinstance(dataset, dict)
-    for volatile in ("num_workers", "data_dir"):
-        dataset.pop(volatile, None)
-    precision = str(cfg.trainer.get("precision") or "32-true")
-    payload = {
-        "dataset": dataset,
-        "data": dict(data),
-        "teacher": OmegaConf.to_container(cfg.model.teacher, resolve=True),
-        "epochs": cfg.teacher_epochs,
-        "seed": cfg.seed,
-        "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
-        "scheduler": OmegaConf.to_container(cfg.teacher_scheduler, resolve=True),
-        "limit_train_batches": cfg.limit_train_batches,
-        "precision": _PRECISION_ALIASES.get(precision, precision),
-    }
-    try:
-        text = json.dumps(payload, sort_keys=True)
-    except (TypeError, ValueError) as err:
-        raise TypeError(
-            f"the teacher cache key needs JSON-serialisable data: {err}; make the "
-            "datamodule's data_fingerprint() return plain dicts, lists, strings and numbers"
-        ) from err
-    digest = hashlib.sha256(text.encode()).hexdigest()
-    return f"{cfg.model.get('name', 'teacher')}-{digest[:16]}"
 
 
 # ---------------------------------------------------------------------- checks
@@ -340,25 +279,60 @@ def _remove_leftovers(cache_dir: Path, key: str) -> None:
         log.info(f"removed {stale}, left by a run killed while caching its teacher")
 
 
+_CACHE_FIX = (
+    "set LAYERKD_CACHE (the cache is $LAYERKD_CACHE/teachers) or teacher_cache_dir=<folder> "
+    "to a writable folder"
+)
+
+
+def _cache_access(cache_dir: Path, weights: Path, meta_path: Path) -> bool:
+    """Whether the cache can be written (``True``), or only read: a read-only cache that holds
+    this teacher (``False``). Any other cache location is a :class:`ConfigError`."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        problem = "is a file" if cache_dir.is_file() else err.strerror or type(err).__name__
+        raise ConfigError(
+            f"the teacher cache {cache_dir} cannot be used as a folder ({problem}: "
+            f"{err.filename or cache_dir}); {_CACHE_FIX}"
+        ) from err
+    if os.access(cache_dir, os.W_OK | os.X_OK):
+        return True
+    if all(os.access(p, os.R_OK) for p in (weights, meta_path)):
+        log.info(f"the teacher cache {cache_dir} is read-only: reading its teacher without a lock")
+        return False
+    raise ConfigError(
+        f"the teacher cache {cache_dir} is not writable and holds no teacher for this run "
+        f"({weights.name}); {_CACHE_FIX}"
+    )
+
+
 def train_teacher(cfg: DictConfig, datamodule: Any, teacher: nn.Module, root: Path) -> dict:
     """Stage 1: train the teacher alone (``cfg.optimizer``, ``cfg.teacher_scheduler``), or load
     it from the cache."""
     cache_dir = Path(cfg.teacher_cache_dir)
     key = teacher_cache_key(cfg, data_fingerprint(datamodule))
     weights, meta_path = cache_dir / f"{key}.pt", cache_dir / f"{key}.json"
+    writable = _cache_access(cache_dir, weights, meta_path)
     built = _nonfinite(teacher.named_buffers())
     # Under strategy=ddp Lightning re-runs this script for the other ranks while rank 0 trains
     # inside the lock; they join that fit, so only rank 0 locks and writes the cache.
     rank: int = getattr(rank_zero_only, "rank", 0)
-    lock = _locked(cache_dir / f"{key}.lock", weights) if rank == 0 else contextlib.nullcontext()
+    owner = rank == 0 and writable  # a read-only cache is read without its lock
+    lock = _locked(cache_dir / f"{key}.lock", weights) if owner else contextlib.nullcontext()
     with lock:
-        if rank == 0:
+        if owner:
             _remove_leftovers(cache_dir, key)
-        meta = _cached(teacher, weights, meta_path, built, owner=rank == 0)
+        meta = _cached(teacher, weights, meta_path, built, owner=owner)
         if meta is not None:
             meta["cached"] = True
             log.info(f"teacher loaded from cache {weights}")
             return meta
+        if not writable:
+            raise ConfigError(
+                f"the teacher cache {cache_dir} is read-only and its entry {weights.name} is "
+                f"unusable; {_CACHE_FIX}"
+            )
         log.info(f"training the teacher for {cfg.teacher_epochs} epochs; caching it at {weights}")
         pl.seed_everything(cfg.seed, workers=True)
         module = DistillationModule(

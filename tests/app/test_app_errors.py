@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from lightning_layerkd.app.report import collect
 from lightning_layerkd.app.report import main as report_main
@@ -149,3 +150,101 @@ def test_two_jobs_started_in_the_same_second_get_their_own_run_directories(tmp_p
         job.stderr.close()
     (day,) = (tmp_path / "outputs").iterdir()
     assert len(list(day.iterdir())) == 2
+
+
+# ---------------------------------------------------------------------- the teacher cache
+def test_the_teacher_cache_key_holds_every_option_of_the_teachers_trainer_and_optimizer(
+    monkeypatch, tmp_path
+):
+    """Whatever build_trainer passes to the teacher's Trainer (but where it writes, its
+    callbacks and display options) is in the key's payload with the same value, and so is the
+    optimizer the teacher is built with: a setting added to either but not to the key fails."""
+    import lightning.pytorch as pl
+
+    from lightning_layerkd.app import teacher as stage1
+    from lightning_layerkd.app.cache_key import DISPLAY_ONLY, teacher_cache_payload
+
+    cfg = config(*TINY, "+trainer.accumulate_grad_batches=3", "+trainer.gradient_clip_val=0.001")
+    passed: dict = {}
+    monkeypatch.setattr(pl, "Trainer", lambda **kwargs: passed.update(kwargs))
+    stage1.build_trainer(cfg, cfg.teacher_epochs, tmp_path, [], False)
+    payload = teacher_cache_payload(cfg, {})
+    wiring = {"default_root_dir", "callbacks", "logger", *DISPLAY_ONLY}
+    assert {k: v for k, v in passed.items() if k not in wiring} == payload["trainer"]
+    assert payload["trainer"]["accumulate_grad_batches"] == 3
+    assert payload["optimizer"] == OmegaConf.to_container(cfg.optimizer, resolve=True)
+    assert payload["scheduler"] == OmegaConf.to_container(cfg.teacher_scheduler, resolve=True)
+
+
+@pytest.mark.parametrize(
+    ("override", "changes"),
+    [
+        ("+trainer.accumulate_grad_batches=3", True),
+        ("+trainer.gradient_clip_val=0.001", True),
+        ("trainer.deterministic=true", True),
+        ("+trainer.max_steps=5", True),
+        ("limit_train_batches=4", True),
+        ("limit_val_batches=3", True),
+        ("lr=0.02", True),
+        ("weight_decay=0", True),
+        ("lr_decay=0.5", True),
+        ("optimizer=adamw", True),
+        ("teacher_epochs=2", True),
+        ("seed=1", True),
+        ("dataset.image_size=16", True),
+        ("trainer.enable_progress_bar=true", False),
+        ("trainer.log_every_n_steps=1", False),
+        ("epochs=3", False),
+        ("method=jacobian", False),
+        ("logger=csv", False),
+    ],
+)
+def test_the_teacher_cache_key_changes_with_the_teachers_training_only(override, changes):
+    from lightning_layerkd.app.teacher import teacher_cache_key
+
+    key = teacher_cache_key(config(*TINY), {})
+    assert (teacher_cache_key(config(*TINY, override), {}) != key) is changes
+
+
+def test_an_unusable_cache_location_names_layerkd_cache(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("LAYERKD_CACHE", str(blocker))
+    with pytest.raises(ConfigError) as err:
+        run(config(*TINY), tmp_path / "run")
+    assert str(err.value) == (
+        f"the teacher cache {blocker / 'teachers'} cannot be used as a folder (Not a "
+        f"directory: {blocker / 'teachers'}); set LAYERKD_CACHE (the cache is "
+        "$LAYERKD_CACHE/teachers) or teacher_cache_dir=<folder> to a writable folder"
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_read_only_cache_that_holds_the_teacher_is_read_without_a_lock(
+    tmp_path, cache, monkeypatch
+):
+    """A read-only cache (os.access says so, as for a read-only mount or folder): its teacher is
+    loaded, nothing is locked or written there; without the teacher it is a clear error."""
+    from lightning_layerkd.app import teacher as stage1
+
+    first = run(config(*TINY), tmp_path / "first")
+    teachers = cache / "teachers"
+    listing = sorted(p.name for p in teachers.iterdir())
+    real_access = os.access
+    monkeypatch.setattr(
+        stage1.os,
+        "access",
+        lambda path, mode: (
+            not (Path(path) == teachers and mode & os.W_OK) and real_access(path, mode)
+        ),
+    )
+
+    def no_lock(*args):
+        raise AssertionError("the read-only cache was locked")
+
+    monkeypatch.setattr(stage1, "_locked", no_lock)
+    again = run(config(*TINY), tmp_path / "again")
+    assert again["teacher"]["cached"] is True and again["teacher"]["key"] == first["teacher"]["key"]
+    assert sorted(p.name for p in teachers.iterdir()) == listing
+    with pytest.raises(ConfigError, match=r"is not writable and holds no teacher for this run"):
+        run(config(*TINY, "seed=1"), tmp_path / "other")
