@@ -38,6 +38,7 @@ from lightning_layerkd.methods import DistillationMethod, InformationFlow
 from lightning_layerkd.module import BASE_GROUP, DistillationModule
 
 from . import ConfigError, signals
+from .checks import check_keys, check_trainer, check_values
 from .identity import RunIdentity, run_identity
 from .logs import get_logger, route_lightning_to_root
 from .runs import StudentHistory, resume_from, run_dir_lock, sweep_identity
@@ -88,12 +89,15 @@ def method_from_config(cfg: DictConfig) -> DistillationMethod:
 def check_config(cfg: DictConfig) -> DistillationMethod:
     """Fail before training on mistakes a sweep would otherwise find hours later; returns the
     method."""
+    check_keys(cfg)
     for key in ("epochs", "teacher_epochs", "every_n_epochs", "num_crucial_layers", "seed"):
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key} must be an integer, got {value!r}: e.g. {key}=8")
         if value < (0 if key == "seed" else 1):
             raise ConfigError(f"{key} must be at least {0 if key == 'seed' else 1}, got {value}")
+    check_values(cfg)
+    check_trainer(cfg)
     layer_spec(cfg.layers)
     try:
         method = method_from_config(cfg)

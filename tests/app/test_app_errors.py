@@ -248,3 +248,68 @@ def test_a_read_only_cache_that_holds_the_teacher_is_read_without_a_lock(
     assert sorted(p.name for p in teachers.iterdir()) == listing
     with pytest.raises(ConfigError, match=r"is not writable and holds no teacher for this run"):
         run(config(*TINY, "seed=1"), tmp_path / "other")
+
+
+# ---------------------------------------------------------------------- values and keys
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("lr=0", "lr must be finite and greater than 0, got 0: e.g. lr=0.05"),
+        ("lr=abc", "lr must be a number, got 'abc': e.g. lr=0.05"),
+        ("lr=nan", "lr must be finite and greater than 0, got nan: e.g. lr=0.05"),
+        ("lr_decay=-1", "lr_decay must lie in (0, 1] (the factor MultiStepLR multiplies"),
+        ("lr_decay=0", "lr_decay must lie in (0, 1]"),
+        ("map_weight=nan", "map_weight must be finite and non-negative, got nan"),
+        ("map_weight=-1", "map_weight must be finite and non-negative, got -1"),
+        ("method=logits schedule=none", None),  # its logit weight is checked: fine by default
+        ("weight_decay=-1", "weight_decay must be finite and non-negative, got -1"),
+        (
+            "limit_train_batches=0",
+            "limit_train_batches=0 is neither a number of batches (at least 1) nor a fraction in "
+            "(0, 1] and leaves no batches: e.g. limit_train_batches=10",
+        ),
+        ("limit_val_batches=1.5", "limit_val_batches=1.5 is neither a number of batches"),
+        ("+mthod=jacobian", "unknown key 'mthod' (set with mthod=... or +mthod=...): did you "),
+        ("trainer.precision=bogus", "trainer settings: Precision 'bogus' is invalid."),
+    ],
+)
+def test_values_that_train_nothing_and_unknown_keys_are_refused(override, message, tmp_path):
+    from lightning_layerkd.app.train import check_config
+
+    if message is None:
+        check_config(config(*TINY, *override.split()))
+        return
+    with pytest.raises(ConfigError) as err:
+        check_config(config(*TINY, override))
+    assert str(err.value).startswith(message)
+
+
+def test_method_logit_weight_is_checked(tmp_path):
+    from lightning_layerkd.app.train import check_config
+
+    with pytest.raises(ConfigError, match=r"^method.logit_weight must be finite and non-negat"):
+        check_config(config(*TINY, "method=logits", "schedule=none", "method.logit_weight=-0.5"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        (["lr=0"], "layerkd-train: error: lr must be finite and greater than 0, got 0"),
+        (["+mthod=jacobian"], "layerkd-train: error: unknown key 'mthod'"),
+        (["mthod=jacobian"], "Could not override 'mthod'"),  # Hydra's own, now status 2
+        (["method=fisher"], "Could not find 'method/fisher'"),
+        (["method.wrt=weight"], "Could not override 'method.wrt'"),
+    ],
+)
+def test_command_line_value_and_key_mistakes_exit_2_without_a_traceback(
+    overrides, says, tmp_path, cache
+):
+    out = subprocess.run(
+        [LAYERKD_TRAIN, *TINY, *overrides, f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert says in out.stderr and "Traceback" not in out.stderr
+    assert list(cache.rglob("*.pt")) == []
