@@ -6,7 +6,9 @@ import argparse
 import csv
 import json
 import math
+import shlex
 import statistics
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,20 +22,74 @@ from lightning_layerkd.methods import method_names
 SCHEDULE_LABELS = {"none": "None", "multistep": "Constant Update", "layerwise": "Layerwise Update"}
 
 
+#: What a results.json must hold to be reported.
+REQUIRED = ("method", "schedule", "dataset", "student")
+
+
+def read_result(path: Path) -> dict[str, Any] | str:
+    """The results of ``path``, or why it cannot be reported."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"{path}: unreadable ({type(err).__name__}: {err}); rerun or resume that run"
+    missing = [k for k in REQUIRED if not isinstance(result, dict) or k not in result]
+    if not missing and not isinstance(result["student"], dict):
+        missing = ["student.val_acc"]
+    if missing:
+        return f"{path}: malformed, no {', '.join(missing)}; rerun or resume that run"
+    return result
+
+
+def gaps(root: Path) -> list[str]:
+    """Everything below ``root`` the report cannot show: unreadable or malformed results.json
+    files, and sweep jobs (of each ``multirun.yaml``) without one, with the command that runs
+    or resumes them."""
+    from .signals import sweep_jobs
+
+    found = [
+        p
+        for p in (read_result(p) for p in sorted(root.rglob("results.json")))
+        if isinstance(p, str)
+    ]
+    for spec in sorted(root.rglob("multirun.yaml")):
+        folder = spec.parent
+        try:
+            jobs: dict[int, list[str] | None] = dict(enumerate(sweep_jobs(folder)))
+        except Exception:  # noqa: BLE001 - a sweeper of its own (Optuna): the job folders
+            jobs = {int(d.name): None for d in folder.iterdir() if d.name.isdigit()}
+        for num, overrides in sorted(jobs.items()):
+            job = folder / str(num)
+            if (job / "results.json").is_file():
+                continue
+            resume = (job / "checkpoints" / "last.ckpt").is_file()
+            state = "stopped before it finished" if job.is_dir() else "never ran"
+            how = ""
+            if overrides is not None:
+                words = ["layerkd-train", *overrides, f"hydra.run.dir={job}"]
+                words += ["ckpt_path=last"] if resume else []
+                command = " ".join(shlex.quote(w) for w in words)
+                how = f"; {'resume' if resume else 'run'} it: {command}"
+            found.append(f"{job}: sweep job {num} has no results.json, it {state}{how}")
+    return found
+
+
 def collect(root: Path, sweep: str | None = None) -> list[dict[str, Any]]:
     """Every ``results.json`` below ``root``, or only those of ``sweep`` (an id from
     results.json). Runs of separate sweeps in separate directories are reported together; a
     sweep directory that holds runs of two sweeps (reused, with an earlier sweep's extra jobs
     left behind) is an error that lists them."""
-    runs = []
+    runs, bad = [], []
     for path in sorted(root.rglob("results.json")):
-        result = json.loads(path.read_text())
+        result = read_result(path)
+        if isinstance(result, str):
+            bad.append(result)  # named by gaps() beside the table
+            continue
         result["_dir"] = str(path.parent)
         runs.append(result)
     if not runs:
         raise FileNotFoundError(
-            f"no results.json below {root}; point layerkd-report at a layerkd-train output or "
-            "multirun directory"
+            f"no readable results.json below {root}; point layerkd-report at a layerkd-train "
+            "output or multirun directory" + "".join(f"\n  {line}" for line in bad)
         )
     if sweep is not None:
         chosen = [run for run in runs if (run.get("sweep") or {}).get("id") == sweep]
@@ -255,9 +311,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"layerkd-report: error: {err}\n")
     out = args.out or args.directory
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _write(args, runs, out)
+    except OSError as err:
+        parser.exit(
+            2,
+            f"layerkd-report: error: cannot write the report into {out} ({err.strerror or err}: "
+            f"{err.filename or out}); pass --out <a writable folder>\n",
+        )
+
+
+def _write(args: argparse.Namespace, runs: list[dict[str, Any]], out: Path) -> None:
     header, rows = table(runs)
     text = markdown(header, rows)
+    missing = gaps(args.directory)
+    if missing:
+        text += f"\n\nNot in this table ({len(missing)}):\n" + "\n".join(f"- {m}" for m in missing)
+        for line in missing:
+            print(f"layerkd-report: warning: {line}", file=sys.stderr)
     print(text)
     (out / "table1.md").write_text(text + "\n")
     with open(out / "table1.csv", "w", newline="") as handle:

@@ -313,3 +313,42 @@ def test_command_line_value_and_key_mistakes_exit_2_without_a_traceback(
     assert out.returncode == 2, out.stderr[-2000:]
     assert says in out.stderr and "Traceback" not in out.stderr
     assert list(cache.rglob("*.pt")) == []
+
+
+# ---------------------------------------------------------------------- the report's gaps
+def test_the_report_names_every_gap_and_writes_only_to_out(tmp_path, capsys):
+    """A sweep of four jobs: one reported, one results.json of ``{}``, one truncated, one job
+    that never ran. The table holds the one, and the three others are named (on stderr and
+    under the table) with what to do; with --out nothing is written into the sweep folder."""
+    sweep = tmp_path / "sweep"
+    _result(sweep / "0", "s", 0, 0.5)
+    (sweep / "1").mkdir()
+    (sweep / "1" / "results.json").write_text("{}")
+    (sweep / "2").mkdir()
+    (sweep / "2" / "results.json").write_text('{"method": "atten')
+    spec = {"hydra": {"sweeper": {}, "overrides": {"task": ["seed=0,1,2,3", "epochs=2"]}}}
+    OmegaConf.save(OmegaConf.create(spec), sweep / "multirun.yaml")
+    before = sorted(p.relative_to(sweep) for p in sweep.rglob("*"))
+    report_main([str(sweep), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"layerkd-report: warning: {sweep / '1' / 'results.json'}: malformed, no method, "
+        "schedule, dataset, student; rerun or resume that run",
+        f"layerkd-report: warning: {sweep / '2' / 'results.json'}: unreadable "
+        "(JSONDecodeError: Unterminated string starting at: line 1 column 12 (char 11)); rerun "
+        "or resume that run",
+        f"layerkd-report: warning: {sweep / '3'}: sweep job 3 has no results.json, it never "
+        f"ran; run it: layerkd-train seed=3 epochs=2 hydra.run.dir={sweep / '3'}",
+    ]
+    table = (tmp_path / "out" / "table1.md").read_text()
+    assert "Not in this table (3):" in table and f"- {sweep / '3'}: sweep job 3" in table
+    assert sorted(p.relative_to(sweep) for p in sweep.rglob("*")) == before
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as stop:
+        report_main([str(sweep), "--out", str(blocker / "out")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        f"cannot write the report into {blocker / 'out'} (Not a directory: {blocker / 'out'}); "
+        "pass --out <a writable folder>\n"
+    )
