@@ -573,3 +573,23 @@ def test_lr_find_sets_the_learning_rate_of_every_group(tmp_path):
     assert result is not None and module.learning_rate == result.suggestion() is not None
     optimizer = module.configure_optimizers()  # no scheduler: the optimizer itself
     assert {g["lr"] for g in optimizer.param_groups} == {module.learning_rate}
+
+
+# ---------------------------------------------------------------------- one network, two roles
+def test_the_same_network_as_teacher_and_student_is_a_clear_error():
+    """Freezing the teacher would freeze the student it is: refused, with the fix; a copy is a
+    teacher (self-distillation), and the student stays trainable."""
+    _, net = pair()
+    message = (
+        r"^teacher and student share the same module: the teacher is frozen "
+        r"\(requires_grad_\(False\)\), which would freeze the student with it; pass a separate "
+        r"teacher, e.g. copy.deepcopy\(student\) for self-distillation$"
+    )
+    with pytest.raises(ValueError, match=message):
+        DistillationModule(net, net, num_classes=5, layers=PAIRS[:1])
+    wrapper = nn.Sequential(net)  # another module around the same parameters
+    with pytest.raises(ValueError, match=r"^teacher and student share \d+ parameters: "):
+        DistillationModule(wrapper, net, num_classes=5, layers=[("layer1", "0.layer1")])
+    assert all(p.requires_grad for p in net.parameters())
+    module = DistillationModule(copy.deepcopy(net), net, num_classes=5, layers=PAIRS[:1])
+    assert all(p.requires_grad for p in module.student.parameters())

@@ -174,10 +174,19 @@ class LayerwiseLRCallback(Callback):
     # ------------------------------------------------------------------ Lightning hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         max_epochs = trainer.max_epochs
-        if max_epochs is not None and 0 < max_epochs < self.every_n_epochs:
+        if trainer.fast_dev_run:
+            if self.every_n_epochs > 1:  # Lightning runs one epoch: a smoke test, not refused
+                rank_zero_warn(
+                    f"fast_dev_run={trainer.fast_dev_run!r} runs a single epoch, so "
+                    f"LayerwiseLRCallback(every_n_epochs={self.every_n_epochs}) will not update "
+                    f"in it (it updates after each {self.every_n_epochs} epochs); the run only "
+                    "checks the wiring"
+                )
+        elif max_epochs is not None and 0 < max_epochs < self.every_n_epochs:
             raise ValueError(
-                f"LayerwiseLRCallback(every_n_epochs={self.every_n_epochs}) never updates with "
-                f"max_epochs={max_epochs}; choose every_n_epochs <= max_epochs"
+                f"LayerwiseLRCallback(every_n_epochs={self.every_n_epochs}) never updates in a "
+                f"fit of max_epochs={max_epochs} (it updates after each {self.every_n_epochs} "
+                "epochs); choose every_n_epochs <= max_epochs"
             )
         if self.target == "map_weight":
             if not callable(getattr(pl_module, "set_layer_loss_weights", None)):
@@ -203,8 +212,11 @@ class LayerwiseLRCallback(Callback):
         if steps and 0 <= trainer.max_steps < trainer.global_step + first_update:
             rank_zero_warn(
                 f"LayerwiseLRCallback(every_n_epochs={self.every_n_epochs}) will not update: "
-                f"max_steps={trainer.max_steps} ends before the end of epoch {self.every_n_epochs} "
-                f"({steps} steps an epoch); lower every_n_epochs or raise max_steps"
+                f"max_steps={trainer.max_steps} stops the fit before the end of epoch "
+                f"{self.every_n_epochs} ({steps} steps an epoch), where it would first update, "
+                "and an epoch cut short by max_steps is no update interval; lower "
+                f"every_n_epochs or raise max_steps to at least "
+                f"{trainer.global_step + first_update}"
             )
 
     def on_train_batch_start(
@@ -249,15 +261,20 @@ class LayerwiseLRCallback(Callback):
             self._end_epoch(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Normally done at the last batch; this catches epochs whose length was not known.
+        # Normally done at the last batch; this catches epochs whose length was not known, and
+        # an epoch cut short by max_steps, which is no update interval (as on_fit_start warns).
         if self._last_epoch_ended != trainer.current_epoch:
-            self._end_epoch(trainer, pl_module)
+            known = steps_per_epoch(trainer.num_training_batches, trainer.accumulate_grad_batches)
+            cut = known is not None and 0 <= trainer.max_steps <= trainer.global_step
+            self._end_epoch(trainer, pl_module, update=not cut)
 
     # ------------------------------------------------------------------ the rules
-    def _end_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _end_epoch(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, update: bool = True
+    ) -> None:
         self._last_epoch_ended = trainer.current_epoch
         self._epochs_in_interval += 1
-        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+        if update and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self._update(trainer, pl_module)
         for name, lr in first_group_lrs(named_param_groups(trainer.optimizers)).items():
             _log(pl_module, "lr", name, lr)

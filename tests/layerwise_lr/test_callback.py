@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -542,3 +543,50 @@ def test_ddp_spawn_reduces_divergences_over_ranks(tmp_path: Path) -> None:
     assert_close_dicts(ranks[0]["eta"], eta)
     assert_close_dicts(ranks[0]["lrs"], {**{n: LR * factor[n] for n in LAYERS}, "base": LR})
     assert factor["0"] != pytest.approx(1.0)
+
+
+# ------------------------------------------------------------- what the messages promise
+def test_fast_dev_run_says_it_will_not_update_and_does_not(tmp_path: Path) -> None:
+    """fast_dev_run (Lightning's one epoch) is a smoke test, not refused, and the warning says
+    what the user set, not the max_epochs=1 Lightning puts in its place."""
+    callback = LayerwiseLRCallback(every_n_epochs=2, rule="paper")
+    trainer = Trainer(fast_dev_run=True, callbacks=[callback], **make_trainer_kwargs(tmp_path))
+    match = (
+        r"^fast_dev_run=True runs a single epoch, so LayerwiseLRCallback\(every_n_epochs=2\) "
+        r"will not update in it \(it updates after each 2 epochs\)"
+    )
+    with pytest.warns(UserWarning, match=match):
+        trainer.fit(ContractModule(), make_random_loader(N_TRAIN, BATCH, seed=0))
+    assert callback.history == [] and set(group_lrs(trainer).values()) == {LR}
+
+
+@pytest.mark.parametrize("max_steps", [2 * BATCHES - 1, 2 * BATCHES])
+def test_max_steps_warning_is_kept_an_epoch_cut_short_never_updates(
+    tmp_path: Path, max_steps: int
+) -> None:
+    """every_n_epochs=2 and a fit stopped by max_steps one step before the end of epoch 1: the
+    callback warns it will not update, and it does not (the cut epoch is no interval); at
+    exactly two epochs' steps it updates once, without a warning."""
+    callback = LayerwiseLRCallback(every_n_epochs=2, rule="paper")
+    trainer = Trainer(
+        max_epochs=4,
+        max_steps=max_steps,
+        callbacks=[callback],
+        **make_trainer_kwargs(tmp_path),
+    )
+    loader = make_random_loader(N_TRAIN, BATCH, seed=0)
+    if max_steps < 2 * BATCHES:
+        match = (
+            rf"max_steps={max_steps} stops the fit before the end of epoch 2 \({BATCHES} steps "
+            rf"an epoch\), where it would first update, .*raise max_steps to at least "
+            rf"{2 * BATCHES}"
+        )
+        with pytest.warns(UserWarning, match=match):
+            trainer.fit(ContractModule(), loader)
+        assert callback.history == [] and set(group_lrs(trainer).values()) == {LR}
+    else:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            trainer.fit(ContractModule(), loader)
+        assert not [w for w in seen if "will not update" in str(w.message)]
+        assert [row["epoch"] for row in callback.history] == [1]
