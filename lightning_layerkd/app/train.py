@@ -15,6 +15,7 @@ import itertools
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,11 @@ from lightning_layerkd.methods import DistillationMethod, InformationFlow
 from lightning_layerkd.module import BASE_GROUP, DistillationModule
 
 from . import ConfigError, signals
+from .auxiliary import train_or_restore_auxiliary
 from .checks import check_keys, check_trainer, check_values
 from .identity import RunIdentity, run_identity
 from .logs import get_logger, route_lightning_to_root
+from .run_logs import FlushLogsOnCheckpoint, build_logger
 from .runs import StudentHistory, resume_from, run_dir_lock, sweep_identity
 from .sweeps import share_cores
 from .teacher import EpochHistory, TeacherTrainingError, atomic_write, build_trainer, train_teacher
@@ -265,24 +268,17 @@ def _run(cfg: DictConfig, root: Path) -> dict[str, Any]:
         )
 
     auxiliary_meta: dict[str, Any] = {}
-    if auxiliary is not None:
-        # Passalis et al. section 3.2: the student's architecture at twice the width learns
-        # from the teacher first (outputs only), then teaches the student layer by layer.
-        pl.seed_everything(cfg.seed, workers=True)
-        seen = EpochHistory()
-        trainer = build_trainer(cfg, cfg.epochs, root / "auxiliary", [seen], False)
-        with signals.deferred():  # SIGTERM stops the fit after a batch (Lightning's handler)
-            trainer.fit(distiller(teacher, auxiliary, []), datamodule=datamodule)
-        auxiliary_meta = {
-            "width": int(cfg.model.student.width) * 2,
-            "val_acc": seen.last(),
-            "history": seen.epochs,
-        }
-        auxiliary.requires_grad_(False)
+    if auxiliary is not None:  # information flow's: trained once per run, restored on resume
+        fit_auxiliary = partial(distiller, teacher, auxiliary, [])
+        resume = ckpt_path is not None
+        auxiliary_meta = train_or_restore_auxiliary(
+            cfg, root, auxiliary, fit_auxiliary, datamodule, resume
+        )
         teacher = auxiliary
     module = distiller(teacher if method.needs_teacher else None, student, layers)
     pl.seed_everything(cfg.seed, workers=True)
-    logger = instantiate(cfg.logger) if cfg.get("logger") is not None else False
+    logger = build_logger(cfg, ckpt_path)  # a resumed run continues its CSV and wandb run
+    callbacks.append(FlushLogsOnCheckpoint())
     trainer = build_trainer(cfg, cfg.epochs, root, callbacks, logger)
     make_loader = datamodule.train_dataloader  # the student's: its generators are resumed
     datamodule.train_dataloader = lambda: history.restore(make_loader())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import netrc
 import os
 import re
+import secrets
+import string
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_layerkd.functional.divergence import js_divergence
 from lightning_layerkd.functional.maps import to_distribution
@@ -45,9 +48,12 @@ def make_wandb_logger(
     name: str = "student",
     entity: str | None = None,
     group: str | None = None,
+    resume: bool = False,
 ) -> WandbLogger:
     """A WandbLogger that runs offline (and says how to sync) when it cannot authenticate;
-    the run is named after the job's overrides, ``name`` is its job type."""
+    the run is named after the job's overrides, ``name`` is its job type. The run's id is kept
+    in ``<save_dir>/wandb_run_id``; with ``resume`` (a fit resumed from a checkpoint) the run of
+    that id goes on (``resume="allow"``) instead of a new one starting."""
     mode = os.environ.get("WANDB_MODE")
     if mode is None and not has_credentials():
         os.environ["WANDB_MODE"] = mode = "offline"
@@ -57,7 +63,10 @@ def make_wandb_logger(
             f"wandb is offline (no credentials or WANDB_MODE={mode}); runs are saved "
             f"under {runs}; upload them later with `wandb sync {runs}/offline-run-*`"
         )
+    run_id = _run_id(Path(save_dir), resume)
     logger = WandbLogger(
+        id=run_id,
+        resume="allow",
         project=project,
         entity=entity,
         group=group,
@@ -73,6 +82,25 @@ def make_wandb_logger(
     if isinstance(init, dict) and "anonymous" in init and init["anonymous"] is None:
         del init["anonymous"]
     return logger
+
+
+#: The file in the run directory that keeps the run's wandb id.
+RUN_ID_FILE = "wandb_run_id"
+
+
+def _run_id(save_dir: Path, resume: bool) -> str:
+    """The wandb run id of this run directory: the kept one when resuming, else a new one,
+    written down (by rank zero) for a later resume."""
+    kept = save_dir / RUN_ID_FILE
+    if resume and kept.is_file() and kept.read_text().strip():
+        run_id = kept.read_text().strip()
+        log.info(f"resuming the wandb run {run_id} (kept in {kept})")
+        return run_id
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        kept.write_text(run_id + "\n")
+    return run_id
 
 
 def _reinit() -> bool | str:
@@ -121,6 +149,12 @@ class LayerPanels(Callback):
 
     def __init__(self) -> None:
         self.rows: list[list[Any]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": [list(row) for row in self.rows]}  # a resumed run's panels go on
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = [list(row) for row in state_dict.get("rows", [])]
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loggers = _wandb_loggers(trainer)
