@@ -59,11 +59,14 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """``key: <saved> -> <now>`` for every setting that differs."""
     old, new = _flat(saved), _flat(now)
-    missing = "(not set)"
+
+    def shown(values: dict[str, Any], key: str) -> str:
+        return repr(values[key]) if key in values else "(not set)"
+
     return [
-        f"{key.removeprefix('config.')}: {old.get(key, missing)!r} -> {new.get(key, missing)!r}"
+        f"{key.removeprefix('config.')}: {shown(old, key)} -> {shown(new, key)}"
         for key in sorted(set(old) | set(new))
-        if old.get(key, missing) != new.get(key, missing)
+        if key not in old or key not in new or old[key] != new[key]
     ]
 
 
