@@ -117,6 +117,7 @@ def test_rerun_into_a_run_directory_with_a_checkpoint_is_refused(
     run(config(*overrides), run_dir)
     other = tmp_path / "other"
     run(config(*overrides), other)
+
     def written() -> dict[Path, int]:  # the run directory's lock file is rewritten by each job
         return {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.name != ".layerkd.lock"}
 
