@@ -15,22 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_layerkd.layers.tokens import token_layout  # noqa: F401 - also read from here
+
 Wrt = Literal["weight", "activation"]
 Task = Literal["multiclass", "multilabel"]
 WeightAlignment = Literal["sorted", "index"]
 WRTS: tuple[str, ...] = ("weight", "activation")
 TASKS: tuple[str, ...] = ("multiclass", "multilabel")
 WEIGHT_ALIGNMENTS: tuple[str, ...] = ("sorted", "index")
-
-
-def token_layout(model: object) -> tuple[int, int, int] | None:
-    """``(prefix_tokens, H, W)`` of a timm-style vision transformer (``num_prefix_tokens`` and
-    ``patch_embed.grid_size``), or ``None`` for other models."""
-    prefix = getattr(model, "num_prefix_tokens", None)
-    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-    if isinstance(prefix, int) and isinstance(grid, (tuple, list)) and len(grid) == 2:
-        return prefix, int(grid[0]), int(grid[1])
-    return None
 
 
 def feature_grid(

@@ -11,6 +11,7 @@ import itertools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -238,10 +239,12 @@ def _size(spatial: Spatial) -> str:
     return "x".join(map(str, spatial)) or "()"
 
 
-def _describe(role: str, infos: list[LayerInfo]) -> str:
+def _describe(role: str, infos: list[LayerInfo], grid: Spatial = (), blocks: Any = ()) -> str:
     crucial = _crucial_per_group(infos)
     excluded = _exclusions(infos)
     lines = [f"{role}: groups by output spatial size (crucial module, or why dropped):"]
+    if blocks:
+        lines.append(f"  {_size(grid)}: {blocks[-1]} (transformer blocks on the patch grid)")
     for spatial, group in _group_by_spatial(infos).items():
         if spatial in crucial:
             why = crucial[spatial].path
@@ -286,9 +289,14 @@ def find_crucial_layers(
        is kept.
 
     Teacher and student groups of equal spatial size are then paired, in the student's forward
-    order, and the deepest ``num_layers`` pairs are kept. For torchvision-style ResNets (and
-    :mod:`lightning_layerkd.models`) of equal stems this gives ``layer1``..``layer4``; the
-    pairs found on timm and torchvision families are in ``tests/test_discovery.py``.
+    order, and the deepest ``num_layers`` pairs are kept. A vision transformer's spatial size
+    is its patch grid and its crucial modules are blocks picked by depth
+    (:mod:`lightning_layerkd.layers.tokens`): two transformers pair the last blocks of 4 stages
+    of equal depth; a transformer and a CNN pair at the grid, the CNN's ``k``-th of ``n``
+    crucial layers with the end of the transformer's ``k``-th of ``n`` stages. For
+    torchvision-style ResNets (and :mod:`lightning_layerkd.models`) of equal stems this gives
+    ``layer1``..``layer4``; the pairs found on timm and torchvision families are in
+    ``tests/layers/test_discovery.py``.
 
     Args:
         teacher: the teacher network.
@@ -306,21 +314,38 @@ def find_crucial_layers(
     _check_input(example_input, ndim=4)
     if num_layers is not None and num_layers < 1:
         raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+    from lightning_layerkd.layers.tokens import TOKEN_STAGES, stage_end, stage_ends, token_blocks
+
     t_infos = trace_feature_maps(teacher, example_input)
     s_infos = trace_feature_maps(student, example_input)
-    t_crucial = _crucial_per_group(t_infos)
-    pairs = [
-        (info.path, t_crucial[spatial].path)
-        for spatial, info in _crucial_per_group(s_infos).items()
-        if spatial in t_crucial
-    ]
+    (t_grid, t_blocks), (s_grid, s_blocks) = (
+        token_blocks(teacher, example_input),
+        token_blocks(student, example_input),
+    )
+    if t_blocks and s_blocks:  # two transformers: stage by stage, on one patch grid
+        stages = min(TOKEN_STAGES, len(t_blocks), len(s_blocks))
+        ends = zip(stage_ends(s_blocks, stages), stage_ends(t_blocks, stages), strict=True)
+        pairs = list(ends) if s_grid == t_grid else []
+    else:  # by spatial size; a transformer's is its patch grid, its block there at the depth
+        # fraction of the CNN's layer of that size: the end of the same stage (k-th of n)
+        t_crucial = {size: info.path for size, info in _crucial_per_group(t_infos).items()}
+        s_crucial = {size: info.path for size, info in _crucial_per_group(s_infos).items()}
+        for crucial, grid, blocks, other in (
+            (t_crucial, t_grid, t_blocks, s_crucial),
+            (s_crucial, s_grid, s_blocks, t_crucial),
+        ):
+            if blocks and grid in other:
+                stage, stages = list(other).index(grid), len(other)
+                crucial.pop(grid, None)  # a 4-D module at the grid's size: the patch embedding
+                crucial[grid] = stage_end(blocks, stage, stages)
+        pairs = [(path, t_crucial[size]) for size, path in s_crucial.items() if size in t_crucial]
     if not pairs:
         raise ValueError(
             "no teacher and student crucial layers share an output spatial size for input of "
             f"shape {tuple(example_input.shape)}; pass explicit (student_path, teacher_path) "
             "pairs instead.\n"
-            + _describe("student", s_infos)
+            + _describe("student", s_infos, s_grid, s_blocks)
             + "\n"
-            + _describe("teacher", t_infos)
+            + _describe("teacher", t_infos, t_grid, t_blocks)
         )
     return pairs if num_layers is None else pairs[-num_layers:]

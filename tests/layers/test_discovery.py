@@ -69,6 +69,17 @@ FAMILIES = {
             ("blocks.4", "blocks.6"),  # 2x2: not conv_head
         ],
     ),
+    # transformers: tokens on their 4x4 patch grid; two are paired stage by stage (the last
+    # block of each quarter of the depth); resnet18's layer3, its 3rd of 4 crucial layers and
+    # the one at the grid's size, with the end of the 3rd quarter (not the last block, whose
+    # patch tokens feed no output: ViT's head reads the class token)
+    "deit_tiny->vit_tiny": (
+        "deit_tiny_patch16_224",
+        "vit_tiny_patch16_224",
+        [(f"blocks.{k}", f"blocks.{k}") for k in (2, 5, 8, 11)],
+    ),
+    "vit_tiny->resnet18": ("vit_tiny_patch16_224", "resnet18", [("layer3", "blocks.8")]),
+    "resnet50->vit_tiny": ("resnet50", "vit_tiny_patch16_224", [("blocks.8", "layer3")]),
 }
 
 
@@ -112,6 +123,20 @@ def test_weight_maps_and_the_jacobian_norm_penalty_on_mobilenetv3() -> None:
         out["loss"].backward()
         assert torch.isfinite(out["loss"])
     assert conversion_conv(build(student_name).blocks[0], "blocks.0")[0] == "blocks.0.0.conv_dw"
+
+
+def test_transformer_stages_end_at_equal_depth_fractions() -> None:
+    from lightning_layerkd.layers.tokens import stage_end, stage_ends, token_blocks
+
+    blocks = [f"blocks.{k}" for k in range(12)]
+    assert stage_ends(blocks) == ["blocks.2", "blocks.5", "blocks.8", "blocks.11"]
+    assert stage_ends(blocks[:6]) == ["blocks.1", "blocks.2", "blocks.4", "blocks.5"]
+    assert stage_ends(blocks[:2]) == ["blocks.0", "blocks.1"]
+    assert stage_ends(blocks, stages=2) == ["blocks.5", "blocks.11"]
+    assert stage_end(blocks, 2, 4) == "blocks.8" and stage_end(blocks[:3], 0, 4) == "blocks.0"
+    grid, found = token_blocks(build("deit_tiny_patch16_224"), X)
+    assert grid == (4, 4) and found == blocks  # not patch_embed, attn, mlp or norm
+    assert token_blocks(build("resnet18"), X) == ((), [])
 
 
 def test_tokens_are_read_on_their_patch_grid() -> None:
