@@ -55,3 +55,19 @@ def check_not_compiled(model: nn.Module | None, role: str, method: str) -> None:
             "of its features (forward-mode AD and double backward), which torch.compile cannot "
             f"trace; pass the uncompiled module ({role}._orig_mod), or use method='attention'"
         )
+
+
+def check_separate(teacher: nn.Module | None, student: nn.Module) -> None:
+    """A ``ValueError`` with the fix when the teacher is the student or shares parameters with
+    it: freezing the teacher would freeze the student too."""
+    if teacher is None:
+        return
+    student_params = {id(p) for p in student.parameters()}
+    shared = sum(id(p) in student_params for p in teacher.parameters())
+    if teacher is student or shared:
+        what = "the same module" if teacher is student else f"{shared} parameters"
+        raise ValueError(
+            f"teacher and student share {what}: the teacher is frozen "
+            "(requires_grad_(False)), which would freeze the student with it; pass a "
+            "separate teacher, e.g. copy.deepcopy(student) for self-distillation"
+        )

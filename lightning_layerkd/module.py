@@ -18,7 +18,12 @@ from torch.optim import Optimizer
 
 from lightning_layerkd.data.base import first_batch, split_batch
 from lightning_layerkd.functional.maps import TASKS, Task
-from lightning_layerkd.guards import check_finite_loss, check_not_compiled, check_trainable
+from lightning_layerkd.guards import (
+    check_finite_loss,
+    check_not_compiled,
+    check_separate,
+    check_trainable,
+)
 from lightning_layerkd.layers.discovery import format_candidates, trace_feature_maps
 from lightning_layerkd.layers.hooks import CrucialLayerError, FeatureHooks
 from lightning_layerkd.layers.specs import (
@@ -114,16 +119,7 @@ class DistillationModule(LightningModule):
             )
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
-        if teacher is not None:
-            student_params = {id(p) for p in student.parameters()}
-            shared = sum(id(p) in student_params for p in teacher.parameters())
-            if teacher is student or shared:
-                what = "the same module" if teacher is student else f"{shared} parameters"
-                raise ValueError(
-                    f"teacher and student share {what}: the teacher is frozen "
-                    "(requires_grad_(False)), which would freeze the student with it; pass a "
-                    "separate teacher, e.g. copy.deepcopy(student) for self-distillation"
-                )
+        check_separate(teacher, student)
         check_trainable(student)
         if self.method.needs_autograd:
             check_not_compiled(student, "student", self.method.name)

@@ -66,6 +66,7 @@ def known_keys() -> set[str]:
     """The top-level keys of ``conf/config.yaml`` and its config groups."""
     text = importlib.resources.files("lightning_layerkd.conf").joinpath("config.yaml").read_text()
     primary = OmegaConf.create(text)
+    assert isinstance(primary, DictConfig)
     keys = {str(k) for k in primary if k not in ("defaults", "hydra")}
     for entry in primary.get("defaults") or []:
         if OmegaConf.is_dict(entry) or isinstance(entry, dict):

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_layerkd.layerwise_lr._checks import check_fit, warn_if_max_steps_ends_first
 from lightning_layerkd.layerwise_lr.rules import (
     Rule,
     Target,
@@ -173,51 +174,12 @@ class LayerwiseLRCallback(Callback):
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        max_epochs = trainer.max_epochs
-        if trainer.fast_dev_run:
-            if self.every_n_epochs > 1:  # Lightning runs one epoch: a smoke test, not refused
-                rank_zero_warn(
-                    f"fast_dev_run={trainer.fast_dev_run!r} runs a single epoch, so "
-                    f"LayerwiseLRCallback(every_n_epochs={self.every_n_epochs}) will not update "
-                    f"in it (it updates after each {self.every_n_epochs} epochs); the run only "
-                    "checks the wiring"
-                )
-        elif max_epochs is not None and 0 < max_epochs < self.every_n_epochs:
-            raise ValueError(
-                f"LayerwiseLRCallback(every_n_epochs={self.every_n_epochs}) never updates in a "
-                f"fit of max_epochs={max_epochs} (it updates after each {self.every_n_epochs} "
-                "epochs); choose every_n_epochs <= max_epochs"
-            )
-        if self.target == "map_weight":
-            if not callable(getattr(pl_module, "set_layer_loss_weights", None)):
-                raise ValueError(
-                    "LayerwiseLRCallback(target='map_weight') scales each crucial layer's "
-                    f"weight in the map loss, but {type(pl_module).__name__} has no "
-                    "set_layer_loss_weights({layer: weight}) to set them "
-                    "(DistillationModule has); use target='lr' with this module"
-                )
-            return
-        names = set(named_param_groups(trainer.optimizers))
-        if not names:
-            raise ValueError(
-                "LayerwiseLRCallback needs optimizer param groups with a 'name' key, one per "
-                "crucial layer (DistillationModule.configure_optimizers builds them)"
-            )
+        check_fit(trainer, pl_module, every_n_epochs=self.every_n_epochs, target=self.target)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.target == "map_weight" and self.factor:  # resumed: the weights in force
             pl_module.set_layer_loss_weights(dict(self.factor))  # type: ignore[operator]
-        steps = steps_per_epoch(trainer.num_training_batches, trainer.accumulate_grad_batches)
-        first_update = (self.every_n_epochs - trainer.current_epoch) * (steps or 0)  # from here
-        if steps and 0 <= trainer.max_steps < trainer.global_step + first_update:
-            rank_zero_warn(
-                f"LayerwiseLRCallback(every_n_epochs={self.every_n_epochs}) will not update: "
-                f"max_steps={trainer.max_steps} stops the fit before the end of epoch "
-                f"{self.every_n_epochs} ({steps} steps an epoch), where it would first update, "
-                "and an epoch cut short by max_steps is no update interval; lower "
-                f"every_n_epochs or raise max_steps to at least "
-                f"{trainer.global_step + first_update}"
-            )
+        warn_if_max_steps_ends_first(trainer, self.every_n_epochs)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
