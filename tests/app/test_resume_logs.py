@@ -81,8 +81,9 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path: Path, cache: Path, monk
     kill_and_resume(overrides, run_dir)
 
     run_id = (run_dir / "wandb_run_id").read_text().strip()
-    parts = sorted((run_dir / "wandb").glob("offline-run-*"))
-    assert len(parts) == 2 and all(p.name.endswith(f"-{run_id}") for p in parts)  # one run
+    parts = sorted((run_dir / "wandb").glob("offline-run-*"))  # in time order (a "-1" suffix
+    assert len(parts) == 2  # when both started in the same second), each a part of one run:
+    assert all((part / f"run-{run_id}.wandb").is_file() for part in parts)
     (whole,) = (tmp_path / "straight" / "wandb").glob("offline-run-*")
 
     def rows(folders: list[Path]) -> list[dict[str, Any]]:
