@@ -22,6 +22,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from .logs import get_logger
@@ -68,6 +69,8 @@ def continue_csv(logger: CSVLogger, ckpt_path: str) -> int | None:
     if not versions:
         return None
     logger._version = versions[-1]  # CSVLogger's own attribute: no setter
+    if getattr(rank_zero_only, "rank", 0) != 0:  # rank zero alone writes the log (DDP)
+        return versions[-1]
     metrics = Path(logger.log_dir) / "metrics.csv"
     header: list[str] = []
     rows: list[dict[str, str]] = []
