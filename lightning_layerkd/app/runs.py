@@ -4,10 +4,8 @@ the sweep a job belongs to (so that ``layerkd-report`` never mixes two sweeps)."
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from . import ConfigError
+from .locks import pid_lock
 from .teacher import EpochHistory
 
 
@@ -94,27 +93,16 @@ def run_dir_lock(root: Path) -> Iterator[None]:
     if getattr(rank_zero_only, "rank", 0) != 0:
         yield
         return
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".layerkd.lock", "a+") as handle:  # "a+": never truncates the holder's PID
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip()
-            who = f"PID {holder}" if holder.isdigit() else "a job that is starting"
-            raise ConfigError(
-                f"the run directory {root} is in use by another layerkd-train job ({who}); "
-                "wait for it to end, or choose another hydra.run.dir (two jobs in one "
-                "directory would mix their checkpoints and results)"
-            ) from None
-        try:
-            handle.truncate(0)
-            handle.write(f"{os.getpid()}\n")
-            handle.flush()
-            yield
-        finally:
-            handle.truncate(0)
-            fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def refuse(who: str) -> None:
+        raise ConfigError(
+            f"the run directory {root} is in use by another layerkd-train job ({who}); "
+            "wait for it to end, or choose another hydra.run.dir (two jobs in one "
+            "directory would mix their checkpoints and results)"
+        )
+
+    with pid_lock(root / ".layerkd.lock", refuse):
+        yield
 
 
 def _sweep_overrides(hydra_cfg: Any, folder: Path) -> list[Any]:

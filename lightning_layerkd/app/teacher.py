@@ -10,7 +10,6 @@ unreadable entry is moved aside to ``<file>.corrupt-<timestamp>`` and the teache
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import itertools
 import json
 import math
@@ -32,6 +31,7 @@ from lightning_layerkd.module import DistillationModule
 
 from . import ConfigError, signals
 from .cache_key import data_fingerprint, teacher_cache_key, trainer_options
+from .locks import pid_lock
 from .logs import get_logger
 
 log = get_logger(__name__)
@@ -81,24 +81,12 @@ def _locked(path: Path, weights: Path) -> Iterator[None]:
     The holder writes its PID into the lock file; a job that finds the lock taken says once
     whom it waits for (the teacher at ``weights``), then waits. The kernel releases the lock
     of a killed job; its stale PID is overwritten by the next holder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:  # "a+": opening never truncates the holder's PID
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip()
-            who = f"PID {holder}" if holder.isdigit() else "another job (PID not written yet)"
-            log.info(f"waiting for the teacher being trained by {who} at {weights}")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            handle.truncate(0)
-            handle.write(f"{os.getpid()}\n")
-            handle.flush()
-            yield
-        finally:
-            handle.truncate(0)
-            fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def wait(who: str) -> None:
+        log.info(f"waiting for the teacher being trained by {who} at {weights}")
+
+    with pid_lock(path, wait):
+        yield
 
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
