@@ -503,11 +503,19 @@ def test_a_teacher_whose_outputs_overflow_is_an_error_and_never_cached(tmp_path,
     assert _entries(cache) == []
 
 
-def test_a_teacher_without_validation_accuracy_is_an_error_and_never_cached(tmp_path, cache):
+def test_a_teacher_without_validation_accuracy_is_an_error_and_never_cached(
+    tmp_path, cache, monkeypatch
+):
     from lightning_layerkd.app.teacher import TeacherTrainingError
 
-    with pytest.raises(TeacherTrainingError, match="no validation accuracy.*limit_val_batches"):
+    # limit_val_batches=0 is refused before training (no validation, no accuracy) ...
+    with pytest.raises(ConfigError, match="limit_val_batches=0 .* leaves no batches"):
         run(config(*ONE_EPOCH, "limit_val_batches=0"), tmp_path)
+    assert _entries(cache) == []
+    # ... and a teacher whose validation still yields no accuracy is never cached
+    monkeypatch.setattr("lightning_layerkd.app.train.check_values", lambda cfg: None)
+    with pytest.raises(TeacherTrainingError, match="no validation accuracy.*limit_val_batches"):
+        run(config(*ONE_EPOCH, "limit_val_batches=0"), tmp_path / "again")
     assert _entries(cache) == []
 
 
