@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_module
@@ -41,3 +44,21 @@ class KillAt(Callback):
     def on_train_epoch_start(self, trainer: Trainer, pl_module: Any) -> None:
         if trainer.current_epoch == self.epoch:
             raise Killed(f"killed as epoch {self.epoch} starts")
+
+
+class Barrier(Callback):
+    """Each job of a sweep checks in at ``folder`` when its student's fit starts and waits (up
+    to ``timeout`` seconds) until ``parties`` jobs have: it passes only if the jobs run at the
+    same time, and fails a sweep that runs them one after another."""
+
+    def __init__(self, folder: str, parties: int = 2, timeout: float = 300.0) -> None:
+        self.folder, self.parties, self.timeout = Path(folder), parties, timeout
+
+    def on_fit_start(self, trainer: Trainer, pl_module: Any) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / str(os.getpid())).touch()
+        deadline = time.monotonic() + self.timeout
+        while len(list(self.folder.iterdir())) < self.parties:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no other job reached the barrier in {self.timeout} s")
+            time.sleep(0.2)
