@@ -60,7 +60,11 @@ def test_data_mistakes_are_config_errors_naming_the_path(tmp_path, cache):
 
 
 def test_a_diverging_run_stops_and_caches_no_teacher(tmp_path, cache):
-    with pytest.raises(NonFiniteLossError, match="lower lr"):
+    from lightning_layerkd.app.teacher import TeacherTrainingError
+
+    # where the divergence is caught depends on the CPU's kernels: a non-finite loss during a
+    # step, or non-finite weights after the last step; both stop the run with the fix
+    with pytest.raises((NonFiniteLossError, TeacherTrainingError), match="lower lr"):
         run(config(*TINY, "lr=1e6"), tmp_path)
     assert list(cache.rglob("*.pt")) == [] and not (tmp_path / "results.json").exists()
 
