@@ -214,6 +214,12 @@ def build_datamodule(cfg: DictConfig) -> Any:
     except (InstantiationException, FileNotFoundError, ValueError, MissingMandatoryValue) as err:
         cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
         raise ConfigError(f"dataset ({cfg.dataset.get('_target_')}): {cause}") from cause
+    classes = getattr(datamodule, "num_classes", None)
+    if isinstance(classes, int) and classes < 2:
+        raise ConfigError(
+            f"dataset ({cfg.dataset.get('_target_')}): its labels hold {classes} class; a "
+            "classifier (and a teacher to distil) needs at least 2: check the labels' file"
+        )
     return datamodule
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
@@ -356,3 +357,34 @@ def test_the_report_names_every_gap_and_writes_only_to_out(tmp_path, capsys):
         f"cannot write the report into {blocker / 'out'} (Not a directory: {blocker / 'out'}); "
         "pass --out <a writable folder>\n"
     )
+
+
+def test_a_dataset_with_one_class_exits_2_naming_it(tmp_path, cache):
+    folder = tmp_path / "one"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 48), ("test", 16)):
+        np.save(folder / f"x_{split}.npy", rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8))
+        np.save(folder / f"y_{split}.npy", np.zeros(n, dtype=np.int64))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightning_layerkd.app.train",
+            "dataset=arrays",
+            f"dataset.data_dir={folder}",
+            "epochs=1",
+            "teacher_epochs=1",
+            "milestones=[1]",
+            "every_n_epochs=1",
+            "logger=none",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LAYERKD_CACHE": str(cache)},
+        timeout=300,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "its labels hold 1 class; a classifier" in out.stderr
+    assert "Traceback" not in out.stderr
