@@ -4,6 +4,7 @@ or key, say what is wrong and what was expected."""
 
 from __future__ import annotations
 
+import os
 import zipfile
 import zlib
 from pathlib import Path
@@ -116,6 +117,11 @@ def _read_npz(npz: Path) -> dict[str, np.ndarray]:
 def load_arrays(data_dir: Path) -> tuple[dict[str, np.ndarray], Path, list[Path]]:
     """Open ``x_train, y_train, x_test, y_test`` from four ``.npy`` files (memory-mapped) or
     one ``.npz``; returns the arrays, the folder they came from and the files read."""
+    if data_dir.is_symlink() and not data_dir.exists():
+        raise FileNotFoundError(
+            f"data_dir {data_dir} is a symbolic link that cannot be followed "
+            f"({_link_problem(data_dir)}); point it at a folder with the arrays"
+        )
     if not data_dir.exists():
         raise FileNotFoundError(
             f"data_dir {data_dir} does not exist; expected a folder with "
@@ -129,12 +135,21 @@ def load_arrays(data_dir: Path) -> tuple[dict[str, np.ndarray], Path, list[Path]
             return {k: _open_npy(p) for k, p in zip(ARRAY_KEYS, files, strict=True)}, folder, files
         candidates = sorted(data_dir.glob("*.npz"))
         if len(candidates) != 1:
-            found = sorted(p.name for p in data_dir.iterdir())
-            missing = [name for name in ARRAY_FILES if not (data_dir / name).is_file()]
+            broken = [p for p in sorted(data_dir.iterdir()) if p.is_symlink() and not p.exists()]
+            found = sorted(p.name for p in data_dir.iterdir() if p not in broken)
+            missing = [
+                n
+                for n in ARRAY_FILES
+                if not (data_dir / n).is_file() and data_dir / n not in broken
+            ]
+            links = "; ".join(
+                f"{p.name} is a link that cannot be followed ({_link_problem(p)})" for p in broken
+            )
             raise FileNotFoundError(
                 f"no image arrays in {data_dir}: expected {', '.join(ARRAY_FILES)} "
-                f"(missing: {', '.join(missing)}) or exactly one .npz with keys "
+                f"(missing: {', '.join(missing) or 'none'}) or exactly one .npz with keys "
                 f"{', '.join(ARRAY_KEYS)}; the folder contains: {', '.join(found) or 'nothing'}"
+                + (f"; {links}" if links else "")
             )
         npz = candidates[0]
     return _read_npz(npz), folder, [npz]
@@ -242,3 +257,15 @@ def resolve_num_classes(labels: np.ndarray, num_classes: int | None, where: Path
         "(ArraysDataModule(..., num_classes=K)); otherwise relabel the classes to 0..K-1 "
         "(e.g. with np.unique(y, return_inverse=True))."
     )
+
+
+def _link_problem(link: Path) -> str:
+    """Why a symbolic link cannot be followed: a loop, or the missing target it points to."""
+    try:
+        link.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13 reports a loop so
+        return "a loop of links"
+    except OSError as err:
+        if err.errno == 40:  # ELOOP
+            return "a loop of links"
+    return f"it points to {os.readlink(link)}, which does not exist"

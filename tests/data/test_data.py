@@ -533,3 +533,31 @@ def test_coco_one_distillation_step_reports_map(tmp_path):
     assert trainer.global_step == 1
     assert "val/map" in trainer.callback_metrics
     assert "train/loss" in trainer.callback_metrics
+
+
+def test_links_that_cannot_be_followed_are_named_as_such(tmp_path) -> None:
+    import os
+
+    from lightning_layerkd.data.array_files import load_arrays
+
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"loop is a symbolic link that cannot be followed \(a loop of links\)",
+    ):
+        load_arrays(tmp_path / "loop")
+    folder = tmp_path / "arrays"
+    folder.mkdir()
+    for name in ("x_train.npy", "y_train.npy"):
+        os.symlink(folder / name, folder / name)  # each a link to itself
+    os.symlink(tmp_path / "gone.npy", folder / "x_test.npy")
+    with pytest.raises(FileNotFoundError) as err:
+        load_arrays(folder)
+    message = str(err.value)
+    assert "(missing: y_test.npy)" in message  # a looping link is not "missing" and present
+    assert "the folder contains: nothing" in message
+    assert "x_train.npy is a link that cannot be followed (a loop of links)" in message
+    assert (
+        f"x_test.npy is a link that cannot be followed (it points to {tmp_path / 'gone.npy'}"
+        in message
+    )
