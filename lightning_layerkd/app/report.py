@@ -148,7 +148,8 @@ def table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
             {s for m, s in cells if m == method},
             key=lambda s: list(SCHEDULE_LABELS).index(s) if s in SCHEDULE_LABELS else 99,
         ):
-            label = "Student alone" if method == "none" else method.replace("_", " ").title()
+            label = method.replace("_", " ").replace("+", " + ").title()
+            label = "Student alone" if method == "none" else label
             row = [label if first else "", SCHEDULE_LABELS.get(schedule, schedule)]
             row += [_cell(cells[method, schedule].get(d, [])) for d in datasets]
             rows.append(row)
@@ -164,11 +165,13 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _method_key(method: str) -> tuple[int, str]:
-    """The registry's order (user methods after the built-in ones), the student alone last."""
+    """The registry's order (user methods after the built-in ones, ``attention+logits`` right
+    after ``attention``), the student alone last."""
     order = [name for name in method_names() if name != "none"]
     if method == "none":
         return (len(order) + 1, method)
-    return (order.index(method) if method in order else len(order), method)
+    name = method.split("+")[0]
+    return (order.index(name) if name in order else len(order), method)
 
 
 def divergence_table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:

@@ -15,12 +15,8 @@ from typing import Any
 import pytest
 
 from lightning_layerkd.app.train import ConfigError, run
-from tests.helpers.app import TINY, Killed, config
+from tests.helpers.app import THREE, TINY, Killed, config
 
-# 3 epochs with the milestone and the interval explicit, so that a killed run and its resumed
-# part see the same schedule; every_n_epochs=1 (in TINY): one layer-wise update every epoch
-THREE = [*(o for o in TINY if not o.startswith(("epochs=", "milestones="))), "epochs=3"]
-THREE.append("milestones=[2]")
 KILL = ["+callbacks.kill._target_=tests.helpers.app.KillAt", "+callbacks.kill.epoch=2"]
 REL = 1e-9
 

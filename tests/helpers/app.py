@@ -25,6 +25,16 @@ TINY = [
 ]
 
 
+# 3 epochs with the milestone explicit, so that a killed run and its resumed part see the same
+# schedule, and the layer-wise callback acting every epoch (every_n_epochs=1 in TINY)
+THREE = [
+    *(o for o in TINY if not o.startswith(("epochs=", "milestones="))),
+    "epochs=3",
+    "milestones=[2]",
+    "schedule=layerwise",
+]
+
+
 def config(*overrides: str):
     with initialize_config_module(config_module="lightning_layerkd.conf", version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))

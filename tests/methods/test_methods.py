@@ -423,3 +423,12 @@ def test_methods_with_a_teacher_refuse_teacher_none(method):
     _, student = pair()
     with pytest.raises(ValueError, match="needs a teacher; pass one or use method='none'"):
         DistillationModule(None, student, method=method, num_classes=CLASSES)
+
+
+def test_a_method_adding_logit_kd_is_labelled_apart_from_the_method_alone():
+    # results and reports key on the label: attention with and without logit KD never merge
+    assert AttentionMaps().label == "attention"
+    assert AttentionMaps(logit_weight=0.5).label == "attention+logits"
+    assert JacobianMaps(logit_weight=1.0).label == "jacobian+logits"
+    assert LogitDistillation(logit_weight=1.0).label == "logits"  # logit KD is the method
+    assert StudentOnly().label == "none"
