@@ -88,6 +88,7 @@ class DivergenceRecorder(Callback):
                 "world_size": trainer.world_size,
                 "lrs": self.final_lrs,
                 "eta": callback.eta,
+                "layer_weights": dict(getattr(pl_module, "layer_loss_weights", {})),
                 "sums": self.sums,
                 "counts": self.counts,
             }

@@ -499,13 +499,14 @@ def _one(step: int) -> float:
 
 
 @pytest.mark.slow
-def test_ddp_spawn_reduces_divergences_over_ranks(tmp_path: Path) -> None:
+@pytest.mark.parametrize("target", ["lr", "map_weight"])
+def test_ddp_spawn_reduces_divergences_over_ranks(tmp_path: Path, target: str) -> None:
     """Two CPU processes (gloo, spawn): each rank sees different samples (Lightning's
-    DistributedSampler), yet both end with the same rates and eta, computed from the SUM of
-    both ranks' local divergence sums and counts (the relative rule)."""
+    DistributedSampler), yet both end with the same rates (or map-loss weights) and eta,
+    computed from the SUM of both ranks' local divergence sums and counts (the relative rule)."""
     seed_everything(0)
     module = distillation_module("attention", _constant_lr, "epoch")
-    callback = LayerwiseLRCallback(every_n_epochs=1, gamma=0.5)
+    callback = LayerwiseLRCallback(every_n_epochs=1, gamma=0.5, target=target)
     recorder = DivergenceRecorder(out_dir=str(tmp_path))
     trainer = Trainer(
         max_epochs=2,
@@ -525,6 +526,7 @@ def test_ddp_spawn_reduces_divergences_over_ranks(tmp_path: Path) -> None:
     assert all(r["world_size"] == 2 for r in ranks)
     assert ranks[0]["lrs"] == ranks[1]["lrs"]
     assert ranks[0]["eta"] == ranks[1]["eta"]
+    assert ranks[0]["layer_weights"] == ranks[1]["layer_weights"]
     for epoch in ("0", "1"):
         assert all(r["counts"][epoch] == {n: 8 for n in LAYERS} for r in ranks)  # 16 / 2
         for name in LAYERS:
@@ -541,7 +543,12 @@ def test_ddp_spawn_reduces_divergences_over_ranks(tmp_path: Path) -> None:
         geo = math.sqrt(hat["0"] * hat["1"])
         factor = {n: min(max((hat[n] / geo) ** -0.5, 0.25), 4.0) for n in LAYERS}
     assert_close_dicts(ranks[0]["eta"], eta)
-    assert_close_dicts(ranks[0]["lrs"], {**{n: LR * factor[n] for n in LAYERS}, "base": LR})
+    if target == "lr":
+        assert_close_dicts(ranks[0]["lrs"], {**{n: LR * factor[n] for n in LAYERS}, "base": LR})
+        assert ranks[0]["layer_weights"] == {}
+    else:  # the factors weight the map loss; every rate stays the base
+        assert_close_dicts(ranks[0]["layer_weights"], factor)
+        assert ranks[0]["lrs"] == {**{n: LR for n in LAYERS}, "base": LR}
     assert factor["0"] != pytest.approx(1.0)
 
 
