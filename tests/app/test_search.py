@@ -59,7 +59,7 @@ def test_a_three_trial_search_maximises_the_best_validation_accuracy_and_is_repo
     for map_weight, lr, power in values:
         assert 0.1 <= map_weight <= 10.0 and 0.005 <= lr <= 0.2 and -1.0 <= power <= 1.0
     assert len({run["sweep"]["id"] for run in runs}) == 1  # one sweep for the report
-    assert all(run["method"] == "attention+logits" for run in runs)  # the default method
+    assert all(run["method"] == "attention" for run in runs)  # TINY's
     assert all(run["schedule"] == "layerwise" for run in runs)  # set by the preset
 
     scores = [run["student"]["best_val_acc"] for run in runs]

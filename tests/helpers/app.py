@@ -12,6 +12,7 @@ from lightning.pytorch import Callback, Trainer
 
 # epochs and batches small enough for seconds per run; every_n_epochs=1 so the callback acts
 TINY = [
+    "method=attention",  # the cheapest method with maps: tests pin it, not the app's default
     "epochs=2",
     "teacher_epochs=1",
     "milestones=[1]",
