@@ -94,7 +94,7 @@ def test_a_parallel_two_job_sweep_runs_both_jobs_at_once_with_one_teacher(
             "-m",
             "hydra/launcher=parallel",
             "method=attention,jacobian",
-            *TINY,
+            *(o for o in TINY if not o.startswith("method=")),  # the sweep's methods
             f"hydra.sweep.dir={sweep}",
             "+callbacks.barrier._target_=tests.helpers.app.Barrier",
             f"+callbacks.barrier.folder={tmp_path / 'barrier'}",
