@@ -304,7 +304,6 @@ def _run(cfg: DictConfig, root: Path) -> dict[str, Any]:
     results = {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "method": method.label,  # attention+logits when logit KD is added
-        "method_name": method.name,
         "method_options": method.options(),
         "divergence_name": method.divergence_name,
         "schedule": cfg.schedule.name,
