@@ -1,19 +1,29 @@
 """Values checked before anything trains: a learning rate that trains, a decay that decays,
 loss weights that weigh, batch limits that leave batches, trainer options Lightning accepts,
-and no unknown top-level key (a misspelt one, also added with ``+``, would be dropped
-silently). Each mistake is a :class:`~lightning_layerkd.app.ConfigError` naming the key and the
-fix (``layerkd-train`` exits with status 2)."""
+no unknown top-level key (a misspelt one, also added with ``+``, would be dropped
+silently), method options the method takes, and crucial layers both networks have
+(:func:`check_config` runs them all). Each mistake is a
+:class:`~lightning_layerkd.app.ConfigError` naming the key and the fix (``layerkd-train`` exits
+with status 2)."""
 
 from __future__ import annotations
 
 import difflib
 import importlib.resources
+import inspect
 import logging
 import math
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from lightning_layerkd.layers.specs import check_layer_pairs, normalise_layers
+from lightning_layerkd.methods import DistillationMethod
+from lightning_layerkd.module import BASE_GROUP
 
 from . import ConfigError
 from .cache_key import trainer_options
@@ -104,3 +114,117 @@ def check_trainer(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer settings: {detail}{hint}") from err
     finally:
         logging.disable(logging.NOTSET)
+
+
+def method_from_config(cfg: DictConfig) -> DistillationMethod:
+    """The method of ``cfg.method``; unknown options list the valid ones."""
+    target = get_class(cfg.method._target_)
+    valid = [
+        name
+        for cls in target.__mro__[:-1]
+        for name, p in inspect.signature(cls.__init__).parameters.items()  # type: ignore[misc]
+        if p.kind is p.KEYWORD_ONLY
+    ]
+    unknown = sorted(set(cfg.method) - {"_target_"} - set(valid))
+    if unknown:
+        hint = (
+            "; schedule=critical_period weights information-flow layers (Passalis et al. "
+            "eq. 10) and applies to method=information_flow only"
+            if "critical_period" in unknown
+            else ""
+        )
+        raise ConfigError(
+            f"method options {unknown} are not options of {target.__name__}; valid: "
+            f"{sorted(set(valid))}{hint}"
+        )
+    return instantiate(cfg.method, _convert_="all")
+
+
+def check_config(cfg: DictConfig) -> DistillationMethod:
+    """Fail before training on mistakes a sweep would otherwise find hours later; returns the
+    method."""
+    check_keys(cfg)
+    for key in ("epochs", "teacher_epochs", "every_n_epochs", "num_crucial_layers", "seed"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}: e.g. {key}=8")
+        if value < (0 if key == "seed" else 1):
+            raise ConfigError(f"{key} must be at least {0 if key == 'seed' else 1}, got {value}")
+    check_values(cfg)
+    check_trainer(cfg)
+    layer_spec(cfg.layers)
+    try:
+        method = method_from_config(cfg)
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - re-raised with the config context
+        raise ConfigError(f"invalid method settings: {err}") from err
+    layerwise = cfg.schedule.get("layerwise")
+    if layerwise is not None and int(cfg.every_n_epochs) > int(cfg.epochs):
+        raise ConfigError(
+            f"every_n_epochs={cfg.every_n_epochs} is larger than epochs={cfg.epochs}: the "
+            "layer-wise learning rates would never be updated; lower every_n_epochs"
+        )
+    if layerwise is not None and not method.uses_layers:
+        raise ConfigError(
+            f"schedule=layerwise needs crucial layers, but method={method.name} has none; "
+            "use schedule=none or schedule=multistep with it"
+        )
+    if cfg.schedule.get("scheduler") is not None:
+        bad = [m for m in cfg.milestones if not 0 < int(m) <= int(cfg.epochs)]
+        if bad:
+            raise ConfigError(
+                f"milestones {bad} lie outside epochs 1..{cfg.epochs}; set milestones=[...] "
+                "within them, or leave milestones unset (half and three quarters of epochs)"
+            )
+    if getattr(method, "auxiliary", False) and "width" not in cfg.model.student:
+        raise ConfigError(
+            "method.auxiliary=true builds the student's architecture at twice the width, but "
+            f"model.student ({cfg.model.student.get('_target_')}) has no 'width'; set "
+            "method.auxiliary=false or use a lightning_layerkd.models.resnet student"
+        )
+    try:  # the optimizer, the scheduler and the callbacks, as they will be built
+        dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        instantiate(cfg.optimizer)([{"params": [torch.zeros(1, requires_grad=True)]}])
+        if cfg.schedule.get("scheduler") is not None:
+            instantiate(cfg.schedule.scheduler)(dummy)
+        if layerwise is not None:
+            instantiate(layerwise)
+    except Exception as err:  # noqa: BLE001 - re-raised with the config context
+        raise ConfigError(f"invalid optimizer or schedule settings: {err}") from err
+    return method
+
+
+def layer_spec(layers: Any) -> Any:
+    """``"auto"`` or ``(student, teacher)`` pairs from the config's ``layers``: a list of paths
+    present in both networks or of ``[student, teacher]`` pairs."""
+    if layers == "auto":
+        return "auto"
+    spec = OmegaConf.to_container(layers) if OmegaConf.is_config(layers) else layers
+    try:
+        return normalise_layers(spec)  # type: ignore[arg-type]
+    except ValueError as err:
+        raise ConfigError(
+            f"layers={layers!r} is not a layer list ({err}); use layers=auto, "
+            "'layers=[layer1,layer2]' (the same paths in both networks) or "
+            "'layers=[[layer1,layer1],[layer2,stage2]]' ([student, teacher] pairs)"
+        ) from err
+
+
+def check_layers(
+    method: DistillationMethod,
+    teacher: nn.Module,
+    student: nn.Module,
+    layers: Any,
+    example: torch.Tensor,
+    num_layers: int,
+) -> list[tuple[str, str]]:
+    """Resolve ``layers`` ("auto", by the method's rule, or pairs) on an example batch;
+    unknown paths list the candidates."""
+    if layers == "auto":
+        return method.auto_layers(teacher, student, example, num_layers)
+    try:
+        check_layer_pairs(student, teacher, layers, example, reserved=BASE_GROUP)
+    except ValueError as err:
+        raise ConfigError(f"layers: {err}") from err
+    return list(layers)

@@ -10,7 +10,6 @@ result table.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import json
 import sys
@@ -21,10 +20,9 @@ from typing import Any
 
 import hydra
 import lightning.pytorch as pl
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -33,14 +31,13 @@ from omegaconf.errors import MissingMandatoryValue
 from torch import nn
 
 from lightning_layerkd.guards import NonFiniteLossError
-from lightning_layerkd.layers.specs import check_layer_pairs, normalise_layers
 from lightning_layerkd.layerwise_lr.callback import LayerwiseLRCallback
-from lightning_layerkd.methods import DistillationMethod, InformationFlow
-from lightning_layerkd.module import BASE_GROUP, DistillationModule
+from lightning_layerkd.methods import InformationFlow
+from lightning_layerkd.module import DistillationModule
 
 from . import ConfigError, signals
 from .auxiliary import train_or_restore_auxiliary
-from .checks import check_keys, check_trainer, check_values
+from .checks import check_config, check_layers, layer_spec
 from .identity import RunIdentity, run_identity
 from .logs import get_logger, route_lightning_to_root
 from .run_logs import FlushLogsOnCheckpoint, build_logger
@@ -65,85 +62,6 @@ def _auxiliary_model(cfg: DictConfig, datamodule: Any) -> nn.Module:
     return _model(node, datamodule)
 
 
-def method_from_config(cfg: DictConfig) -> DistillationMethod:
-    """The method of ``cfg.method``; unknown options list the valid ones."""
-    target = get_class(cfg.method._target_)
-    valid = [
-        name
-        for cls in target.__mro__[:-1]
-        for name, p in inspect.signature(cls.__init__).parameters.items()  # type: ignore[misc]
-        if p.kind is p.KEYWORD_ONLY
-    ]
-    unknown = sorted(set(cfg.method) - {"_target_"} - set(valid))
-    if unknown:
-        hint = (
-            "; schedule=critical_period weights information-flow layers (Passalis et al. "
-            "eq. 10) and applies to method=information_flow only"
-            if "critical_period" in unknown
-            else ""
-        )
-        raise ConfigError(
-            f"method options {unknown} are not options of {target.__name__}; valid: "
-            f"{sorted(set(valid))}{hint}"
-        )
-    return instantiate(cfg.method, _convert_="all")
-
-
-def check_config(cfg: DictConfig) -> DistillationMethod:
-    """Fail before training on mistakes a sweep would otherwise find hours later; returns the
-    method."""
-    check_keys(cfg)
-    for key in ("epochs", "teacher_epochs", "every_n_epochs", "num_crucial_layers", "seed"):
-        value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}: e.g. {key}=8")
-        if value < (0 if key == "seed" else 1):
-            raise ConfigError(f"{key} must be at least {0 if key == 'seed' else 1}, got {value}")
-    check_values(cfg)
-    check_trainer(cfg)
-    layer_spec(cfg.layers)
-    try:
-        method = method_from_config(cfg)
-    except ConfigError:
-        raise
-    except Exception as err:  # noqa: BLE001 - re-raised with the config context
-        raise ConfigError(f"invalid method settings: {err}") from err
-    layerwise = cfg.schedule.get("layerwise")
-    if layerwise is not None and int(cfg.every_n_epochs) > int(cfg.epochs):
-        raise ConfigError(
-            f"every_n_epochs={cfg.every_n_epochs} is larger than epochs={cfg.epochs}: the "
-            "layer-wise learning rates would never be updated; lower every_n_epochs"
-        )
-    if layerwise is not None and not method.uses_layers:
-        raise ConfigError(
-            f"schedule=layerwise needs crucial layers, but method={method.name} has none; "
-            "use schedule=none or schedule=multistep with it"
-        )
-    if cfg.schedule.get("scheduler") is not None:
-        bad = [m for m in cfg.milestones if not 0 < int(m) <= int(cfg.epochs)]
-        if bad:
-            raise ConfigError(
-                f"milestones {bad} lie outside epochs 1..{cfg.epochs}; set milestones=[...] "
-                "within them, or leave milestones unset (half and three quarters of epochs)"
-            )
-    if getattr(method, "auxiliary", False) and "width" not in cfg.model.student:
-        raise ConfigError(
-            "method.auxiliary=true builds the student's architecture at twice the width, but "
-            f"model.student ({cfg.model.student.get('_target_')}) has no 'width'; set "
-            "method.auxiliary=false or use a lightning_layerkd.models.resnet student"
-        )
-    try:  # the optimizer, the scheduler and the callbacks, as they will be built
-        dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-        instantiate(cfg.optimizer)([{"params": [torch.zeros(1, requires_grad=True)]}])
-        if cfg.schedule.get("scheduler") is not None:
-            instantiate(cfg.schedule.scheduler)(dummy)
-        if layerwise is not None:
-            instantiate(layerwise)
-    except Exception as err:  # noqa: BLE001 - re-raised with the config context
-        raise ConfigError(f"invalid optimizer or schedule settings: {err}") from err
-    return method
-
-
 DATASET_LABELS = {
     "DigitsDataModule": "Digits",
     "Cifar10DataModule": "CIFAR-10",
@@ -158,41 +76,6 @@ def dataset_label(cfg: DictConfig, datamodule: Any) -> str:
     if name == "ArraysDataModule":
         return Path(str(cfg.dataset.data_dir)).name
     return DATASET_LABELS.get(name, name)
-
-
-def layer_spec(layers: Any) -> Any:
-    """``"auto"`` or ``(student, teacher)`` pairs from the config's ``layers``: a list of paths
-    present in both networks or of ``[student, teacher]`` pairs."""
-    if layers == "auto":
-        return "auto"
-    spec = OmegaConf.to_container(layers) if OmegaConf.is_config(layers) else layers
-    try:
-        return normalise_layers(spec)  # type: ignore[arg-type]
-    except ValueError as err:
-        raise ConfigError(
-            f"layers={layers!r} is not a layer list ({err}); use layers=auto, "
-            "'layers=[layer1,layer2]' (the same paths in both networks) or "
-            "'layers=[[layer1,layer1],[layer2,stage2]]' ([student, teacher] pairs)"
-        ) from err
-
-
-def check_layers(
-    method: DistillationMethod,
-    teacher: nn.Module,
-    student: nn.Module,
-    layers: Any,
-    example: torch.Tensor,
-    num_layers: int,
-) -> list[tuple[str, str]]:
-    """Resolve ``layers`` ("auto", by the method's rule, or pairs) on an example batch;
-    unknown paths list the candidates."""
-    if layers == "auto":
-        return method.auto_layers(teacher, student, example, num_layers)
-    try:
-        check_layer_pairs(student, teacher, layers, example, reserved=BASE_GROUP)
-    except ValueError as err:
-        raise ConfigError(f"layers: {err}") from err
-    return list(layers)
 
 
 def _callbacks(cfg: DictConfig, history: EpochHistory) -> tuple[list[Callback], Any]:

@@ -556,7 +556,7 @@ def test_a_teacher_without_validation_accuracy_is_an_error_and_never_cached(
         run(config(*ONE_EPOCH, "limit_val_batches=0"), tmp_path)
     assert _entries(cache) == []
     # ... and a teacher whose validation still yields no accuracy is never cached
-    monkeypatch.setattr("lightning_layerkd.app.train.check_values", lambda cfg: None)
+    monkeypatch.setattr("lightning_layerkd.app.checks.check_values", lambda cfg: None)
     with pytest.raises(TeacherTrainingError, match="no validation accuracy.*limit_val_batches"):
         run(config(*ONE_EPOCH, "limit_val_batches=0"), tmp_path / "again")
     assert _entries(cache) == []

@@ -279,7 +279,7 @@ def test_a_read_only_cache_that_holds_the_teacher_is_read_without_a_lock(
     ],
 )
 def test_values_that_train_nothing_and_unknown_keys_are_refused(override, message, tmp_path):
-    from lightning_layerkd.app.train import check_config
+    from lightning_layerkd.app.checks import check_config
 
     if message is None:
         check_config(config(*TINY, *override.split()))
@@ -290,7 +290,7 @@ def test_values_that_train_nothing_and_unknown_keys_are_refused(override, messag
 
 
 def test_method_logit_weight_is_checked(tmp_path):
-    from lightning_layerkd.app.train import check_config
+    from lightning_layerkd.app.checks import check_config
 
     with pytest.raises(ConfigError, match=r"^method.logit_weight must be finite and non-negat"):
         check_config(config(*TINY, "method=logits", "schedule=none", "method.logit_weight=-0.5"))
