@@ -117,8 +117,7 @@ class DistillationMethod:
         """The name results are reported under: :attr:`name`, with ``+logits`` when the method
         adds logit distillation to its own terms (``AttentionMaps(logit_weight=1)`` is
         ``attention+logits``), so the two never share a row of a report."""
-        adds_logits = self.logit_weight > 0 and self.uses_layers
-        return f"{self.name}+logits" if adds_logits else self.name
+        return f"{self.name}+logits" if self.logit_weight > 0 else self.name
 
     # ------------------------------------------------------------------ extension points
     def compute(self, nets: Networks, x: Tensor, y: Tensor, *, create_graph: bool) -> MethodOutput:

@@ -36,6 +36,11 @@ class LogitDistillation(DistillationMethod):
     ) -> None:
         super().__init__(task_loss=task_loss, logit_weight=logit_weight, temperature=temperature)
 
+    @property
+    def label(self) -> str:
+        """``logits``: logit distillation is this method's own term, not an addition."""
+        return self.name
+
     def compute(self, nets: Networks, x: Tensor, y: Tensor, *, create_graph: bool) -> MethodOutput:
         assert nets.teacher is not None
         with torch.no_grad():

@@ -432,3 +432,9 @@ def test_a_method_adding_logit_kd_is_labelled_apart_from_the_method_alone():
     assert JacobianMaps(logit_weight=1.0).label == "jacobian+logits"
     assert LogitDistillation(logit_weight=1.0).label == "logits"  # logit KD is the method
     assert StudentOnly().label == "none"
+
+    class OutputsOnly(DistillationMethod):  # a user's method without crucial layers
+        uses_layers = False
+
+    assert OutputsOnly(logit_weight=1.0).label == "OutputsOnly+logits"
+    assert OutputsOnly().label == "OutputsOnly"
