@@ -4,7 +4,7 @@ runs so that a run which cannot learn stops with an error that says why."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -71,3 +71,33 @@ def check_separate(teacher: nn.Module | None, student: nn.Module) -> None:
             "(requires_grad_(False)), which would freeze the student with it; pass a "
             "separate teacher, e.g. copy.deepcopy(student) for self-distillation"
         )
+
+
+def check_layer_weights(weights: Mapping[str, float], layers: Sequence[str]) -> dict[str, float]:
+    """The per-layer loss weights as floats; a ``ValueError`` for a layer that is not crucial
+    or a weight that is negative or not finite."""
+    unknown = sorted(set(weights) - set(layers))
+    if unknown:
+        raise ValueError(f"no crucial layers {unknown}; the crucial layers: {list(layers)}")
+    bad = {k: v for k, v in weights.items() if not (math.isfinite(v) and v >= 0)}
+    if bad:
+        raise ValueError(f"layer loss weights must be finite and non-negative, got {bad}")
+    return {k: float(v) for k, v in weights.items()}
+
+
+def check_networks(
+    teacher: nn.Module | None,
+    student: nn.Module,
+    method: str,
+    needs_teacher: bool,
+    needs_autograd: bool,
+) -> None:
+    """The networks ``method`` can distil: a teacher if it needs one, separate from a trainable
+    student, neither compiled if the method differentiates through their features."""
+    if teacher is None and needs_teacher:
+        raise ValueError(f"method {method!r} needs a teacher; pass one or use method='none'")
+    check_separate(teacher, student)
+    check_trainable(student)
+    if needs_autograd:
+        check_not_compiled(student, "student", method)
+        check_not_compiled(teacher, "teacher", method)

@@ -3,7 +3,6 @@ through per-crucial-layer map losses (Kokane et al. 2024, eqs. 2, 4 and 6)."""
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -20,15 +19,16 @@ from lightning_layerkd.data.base import first_batch, split_batch
 from lightning_layerkd.functional.maps import TASKS, Task
 from lightning_layerkd.guards import (
     check_finite_loss,
-    check_not_compiled,
-    check_separate,
-    check_trainable,
+    check_layer_weights,
+    check_networks,
 )
 from lightning_layerkd.layers.discovery import format_candidates, trace_feature_maps
 from lightning_layerkd.layers.hooks import CrucialLayerError, FeatureHooks
 from lightning_layerkd.layers.specs import (
+    BASE_GROUP,
     LayerSpec,
     check_layer_pairs,
+    crucial_param_groups,
     normalise_layers,
     resolve_module,
 )
@@ -37,9 +37,6 @@ from lightning_layerkd.methods.base import build_method, check_choice
 from lightning_layerkd.metrics import LayerMeans, task_loss, task_metrics
 
 __all__ = ["BASE_GROUP", "DistillationModule", "LayerSpec"]
-
-#: Name of the optimizer param group that holds every non-crucial student parameter.
-BASE_GROUP = "base"
 
 OptimizerFactory = Callable[..., Optimizer]
 SchedulerFactory = Callable[[Optimizer], Any]
@@ -113,17 +110,10 @@ class DistillationModule(LightningModule):
         self.method = build_method(method)
         check_choice("task", task, TASKS)
         check_choice("scheduler_interval", scheduler_interval, ("epoch", "step"))
-        if teacher is None and self.method.needs_teacher:
-            raise ValueError(
-                f"method {self.method.name!r} needs a teacher; pass one or use method='none'"
-            )
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
-        check_separate(teacher, student)
-        check_trainable(student)
-        if self.method.needs_autograd:
-            check_not_compiled(student, "student", self.method.name)
-            check_not_compiled(teacher, "teacher", self.method.name)
+        m = self.method
+        check_networks(teacher, student, m.name, m.needs_teacher, m.needs_autograd)
         self.check_finite = check_finite
         self.save_hyperparameters(
             ignore=["teacher", "student", "example_input", "optimizer", "scheduler", "method"]
@@ -190,7 +180,7 @@ class DistillationModule(LightningModule):
             checked = True
         if self.method.uses_layers and self._student_hooks is None:
             assert self.teacher is not None
-            check_layer_pairs(self.student, self.teacher, self.layer_pairs, x, reserved=BASE_GROUP)
+            check_layer_pairs(self.student, self.teacher, self.layer_pairs, x)
             if not checked and x is not None:
                 nets, pairs = (self.student, self.teacher), self.layer_pairs
                 for pair, why in self.method.uninformative_pairs(*nets, pairs, x).items():
@@ -308,13 +298,7 @@ class DistillationModule(LightningModule):
                 "per-layer weights (LayerwiseLRCallback(target='map_weight')) work with the "
                 "map methods and InformationFlow; use target='lr'"
             )
-        unknown = sorted(set(weights) - set(self.layer_names))
-        if unknown:
-            raise ValueError(f"no crucial layers {unknown}; the crucial layers: {self.layer_names}")
-        bad = {k: v for k, v in weights.items() if not (math.isfinite(v) and v >= 0)}
-        if bad:
-            raise ValueError(f"layer loss weights must be finite and non-negative, got {bad}")
-        self.layer_loss_weights = {k: float(v) for k, v in weights.items()}
+        self.layer_loss_weights = check_layer_weights(weights, self.layer_names)
 
     def layer_divergences(
         self, x: Tensor, y: Tensor, *, create_graph: bool
@@ -396,16 +380,7 @@ class DistillationModule(LightningModule):
         every trainable student parameter is in exactly one group (docs/design.md section 2)."""
         if self.layer_pairs is None:
             self.resolve_layers(self.example_input)
-        groups: list[dict[str, Any]] = []
-        seen: set[int] = set()
-        for name in self.layer_names:
-            params = [p for p in self.student.get_submodule(name).parameters() if p.requires_grad]
-            seen.update(id(p) for p in params)
-            groups.append({"name": name, "params": params})
-        base = [p for p in self.student.parameters() if p.requires_grad and id(p) not in seen]
-        if base or not groups:
-            groups.append({"name": BASE_GROUP, "params": base})
-        return groups
+        return crucial_param_groups(self.student, self.layer_names)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["layerkd_layer_pairs"] = self.layer_pairs

@@ -23,7 +23,6 @@ from torch import nn
 
 from lightning_layerkd.layers.specs import check_layer_pairs, normalise_layers
 from lightning_layerkd.methods import DistillationMethod
-from lightning_layerkd.module import BASE_GROUP
 
 from . import ConfigError
 from .cache_key import trainer_options
@@ -224,7 +223,7 @@ def check_layers(
     if layers == "auto":
         return method.auto_layers(teacher, student, example, num_layers)
     try:
-        check_layer_pairs(student, teacher, layers, example, reserved=BASE_GROUP)
+        check_layer_pairs(student, teacher, layers, example)
     except ValueError as err:
         raise ConfigError(f"layers: {err}") from err
     return list(layers)

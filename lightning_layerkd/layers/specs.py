@@ -1,4 +1,5 @@
-"""Crucial layers named by the user: layer specifications, paths and conversion convolutions.
+"""Crucial layers named by the user: layer specifications, paths, conversion convolutions and
+the optimizer param groups they name.
 
 Discovery (``layers="auto"``) is in :mod:`lightning_layerkd.layers.discovery`; the persistent hooks
 that
@@ -9,12 +10,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
 from lightning_layerkd.layers.discovery import format_candidates, trace_feature_maps
 
 _GATE = re.compile(r"squeeze|excit|^se(module|layer|block)?$|gate|attention", re.IGNORECASE)
+
+#: Name of the optimizer param group that holds every non-crucial student parameter.
+BASE_GROUP = "base"
 
 #: ``"auto"``, paths present in both networks, ``(student, teacher)`` pairs or a dict.
 LayerSpec = str | Sequence[str] | Sequence[tuple[str, str]] | Mapping[str, str]
@@ -118,7 +123,7 @@ def check_layer_pairs(
     pairs: Sequence[tuple[str, str]],
     example_input: Tensor | None = None,
     *,
-    reserved: str = "base",
+    reserved: str = BASE_GROUP,
 ) -> None:
     """Check that the student paths are distinct, not nested (each parameter falls in one
     param group) and not ``reserved``, and that every path exists (errors list candidates)."""
@@ -137,3 +142,19 @@ def check_layer_pairs(
     for student_path, teacher_path in pairs:
         resolve_module(student, student_path, example_input, role="student")
         resolve_module(teacher, teacher_path, example_input, role="teacher")
+
+
+def crucial_param_groups(model: nn.Module, names: Sequence[str]) -> list[dict[str, Any]]:
+    """One param group per crucial module of ``model`` (named by its path) plus
+    :data:`BASE_GROUP`; every trainable parameter is in exactly one group (docs/design.md
+    section 2)."""
+    groups: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    for name in names:
+        params = [p for p in model.get_submodule(name).parameters() if p.requires_grad]
+        seen.update(id(p) for p in params)
+        groups.append({"name": name, "params": params})
+    base = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+    if base or not groups:
+        groups.append({"name": BASE_GROUP, "params": base})
+    return groups

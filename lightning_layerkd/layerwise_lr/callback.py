@@ -59,26 +59,20 @@ class LayerwiseLRCallback(Callback):
     per-epoch sum of per-sample divergences (``reduction="sum"``, eq. 3) or their mean
     (``"mean"``); ``eta_j = gamma * eta_j + (1 - gamma) * A_j`` (eq. 12);
     ``alpha_j = alpha_j / sqrt(eta_j + eps)`` (eq. 11), compounding, clamped to
-    ``[min_lr, max_lr]``. It has no scale: with ``"sum"`` ``eta_j`` grows with the dataset and
-    the crucial layers' rates shrink at every update (on CIFAR-10 with 5,000 images they end
-    near 1e-8); with ``"mean"`` ``eta_j < 1`` and the rates grow at every update.
+    ``[min_lr, max_lr]``. It has no scale (docs/design.md section 5): with ``"sum"`` the rates
+    shrink at every update, with ``"mean"`` they grow.
 
-    Either rule multiplies the group's ``lr`` and ``initial_lr`` (and OneCycleLR's ``max_lr`` /
-    ``min_lr`` anchors) and every scheduler's ``base_lrs`` by the change of factor, so chainable
-    (MultiStepLR) and closed-form (LambdaLR, OneCycleLR) schedules keep it. Logged per layer:
-    ``layerwise/lr``, ``layerwise/eta`` (``eta_hat`` for "relative"), ``layerwise/divergence``
-    (``D_j`` or ``A_j``) and ``layerwise/factor`` (the factor in force for "relative", the
-    update's multiplier for "paper").
+    Either rule also rescales the group's scheduler anchors, so MultiStepLR, LambdaLR and
+    OneCycleLR keep it. Logged per layer: ``layerwise/lr``, ``layerwise/eta`` (``eta_hat`` for
+    "relative"), ``layerwise/divergence`` (``D_j`` or ``A_j``) and ``layerwise/factor``.
 
     The update runs when the last training batch of the epoch ends: after Lightning has stepped
     that epoch's schedulers, before validation and checkpointing, so a run resumed from any
     end-of-epoch checkpoint follows the same learning rates as one that was not interrupted.
 
-    Composes with :class:`~lightning.pytorch.callbacks.StochasticWeightAveraging` (any
-    ``SWALR``), which anneals each group's ``lr`` to its ``swa_lr``: when SWALR sets them (at
-    SWA's start, or a resumed fit's), every crucial group's ``swa_lr`` is multiplied by its
-    layer's factor in force (an info message says so) and later updates rescale it with ``lr``,
-    so crucial rates stay ``factor_j`` times SWA's. SWA's BatchNorm epoch (no training) is skipped.
+    Composes with :class:`~lightning.pytorch.callbacks.StochasticWeightAveraging`: each crucial
+    group's ``swa_lr`` is multiplied by its layer's factor in force (an info message says so),
+    so crucial rates stay ``factor_j`` times SWA's; SWA's BatchNorm epoch is skipped.
 
     ``target="map_weight"`` applies the relative rule's factors to each crucial layer's weight
     in the map loss instead of its learning rate (``lambda_j = factor_j``, eqs. 2, 4, 6 with
@@ -216,8 +210,7 @@ class LayerwiseLRCallback(Callback):
                     f"name; param groups: {sorted(groups)}"
                 )
             value = torch.as_tensor(value).detach()
-            dtype = torch.float32 if value.device.type == "mps" else torch.float64
-            self._sum[name] = self._sum.get(name, 0.0) + value.to(dtype).sum()
+            self._sum[name] = self._sum.get(name, 0.0) + value.to(_sum_dtype(value.device)).sum()
             self._count[name] = self._count.get(name, 0) + value.numel()
         if _is_last_batch(trainer, batch_idx):
             self._end_epoch(trainer, pl_module)
@@ -254,10 +247,9 @@ class LayerwiseLRCallback(Callback):
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         names = sorted(self._sum)
         device = pl_module.device
-        dtype = torch.float32 if device.type == "mps" else torch.float64
         stats = torch.tensor(
             [[float(self._sum[n]), float(self._count[n])] for n in names],
-            dtype=dtype,
+            dtype=_sum_dtype(device),
             device=device,
         ).reshape(-1, 2)
         stats = trainer.strategy.reduce(stats, reduce_op="sum")  # all ranks agree
@@ -281,12 +273,13 @@ class LayerwiseLRCallback(Callback):
             totals, self.eta, self.updates, self.reference, gamma=self.gamma, noise=self.noise_floor
         )  # steps 1-2
         for name, why in silent.items():
-            self._warn_once(
-                name,
-                f"LayerwiseLRCallback: the divergence of layer {name!r} is {divergence[name]:.3g} "
-                f"({why}): its map carries no signal, so the layer keeps factor 1 and is left "
-                "out of the geometric mean",
-            )
+            if name not in self._warned:  # once a layer
+                self._warned.add(name)
+                rank_zero_warn(
+                    f"LayerwiseLRCallback: the divergence of layer {name!r} is "
+                    f"{divergence[name]:.3g} ({why}): its map carries no signal, so the layer "
+                    "keeps factor 1 and is left out of the geometric mean"
+                )
         factors = relative_factors(
             eta_hat, power=self.power, max_factor=self.max_factor, reference=self.reference
         )  # steps 3-4
@@ -346,11 +339,6 @@ class LayerwiseLRCallback(Callback):
         for optimizer, index in named_param_groups(trainer.optimizers)[name]:
             scale_param_group(optimizer, index, schedulers, factor)
 
-    def _warn_once(self, name: str, message: str) -> None:
-        if name not in self._warned:
-            self._warned.add(name)
-            rank_zero_warn(message)
-
     def state_dict(self) -> dict[str, Any]:
         return {
             "eta": dict(self.eta),
@@ -405,3 +393,8 @@ def _is_last_batch(trainer: pl.Trainer, batch_idx: int) -> bool:
     if isinstance(total, int) and batch_idx + 1 >= total:
         return True
     return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+
+
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    """The divergence sums' dtype: float64, or float32 on MPS (which has no float64)."""
+    return torch.float32 if device.type == "mps" else torch.float64
