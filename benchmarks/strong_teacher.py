@@ -199,7 +199,7 @@ def run_one(args: argparse.Namespace, name: str, lr: float, seed: int) -> dict[s
             ),
         )
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     teacher = None if config["method"] == "none" else _load_teacher(args, regime)
     options = {k: v for k, v in config.items() if k not in _NOT_OPTIONS}
     method = method_class(config["method"])(**options)
@@ -233,6 +233,8 @@ def run_one(args: argparse.Namespace, name: str, lr: float, seed: int) -> dict[s
             "layers": [list(p) for p in distiller.layer_pairs or []],
             "final_lrs": {g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups},
             "seconds": time.perf_counter() - start,
+            # this process's CPU time: core-seconds, whatever else shares the machine
+            "cpu_seconds": time.process_time() - cpu_start,
             "threads": torch.get_num_threads(),
             "device": args.device,
         }
