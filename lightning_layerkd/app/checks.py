@@ -13,10 +13,14 @@ import importlib.resources
 import inspect
 import logging
 import math
+import types
+import typing
+from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -68,6 +72,74 @@ def check_values(cfg: DictConfig) -> None:
                 f"{key}={value} is neither a number of batches (at least 1) nor a fraction in "
                 f"(0, 1]{' and leaves no batches' if number == 0 else ''}: e.g. {key}=10, "
                 f"{key}=0.5, or {key}=null for all"
+            )
+
+
+def _leaves(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(dotted key, value)`` of every leaf of a plain config tree."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _leaves(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(tree, list):
+        for index, value in enumerate(tree):
+            yield from _leaves(value, f"{prefix}[{index}]")
+    else:
+        yield prefix, tree
+
+
+def check_finite(cfg: DictConfig) -> None:
+    """Every float of the config (any group, any depth) finite: ``nan`` or ``inf`` is a
+    mistake wherever it is (``method.temperature=nan`` would train, then diverge)."""
+    tree = OmegaConf.to_container(cfg, resolve=False)  # an interpolation: its source is checked
+    for key, value in _leaves(tree):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(
+                f"{key} must be a finite number, got {value}: set {key}=<a finite number> (its "
+                "default is in conf/)"
+            )
+
+
+def _fits(value: Any, hint: Any) -> bool | None:
+    """Whether ``value`` has the type ``hint`` names; ``None`` when the hint says too little."""
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint in (int, bool, str):
+        return isinstance(value, hint) and (hint is bool or not isinstance(value, bool))
+    if hint is type(None):
+        return value is None
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        verdicts = [_fits(value, arg) for arg in typing.get_args(hint)]
+        return True if any(verdicts) else (False if all(v is False for v in verdicts) else None)
+    return None
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    names = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}
+    return names.get(hint, "null" if hint is type(None) else str(hint))
+
+
+def check_option_types(target: type, options: dict[str, Any], group: str) -> None:
+    """``options`` of the class ``target`` (a config group's, e.g. ``method``) of the types its
+    constructor's signature names (``method.temperature=abc`` is a mistake, not a traceback)."""
+    hints: dict[str, Any] = {}
+    for cls in reversed(target.__mro__[:-1]):
+        try:
+            hints.update(typing.get_type_hints(cls.__init__))  # type: ignore[misc]
+        except Exception:  # noqa: BLE001 - a signature we cannot read is not checked
+            continue
+    for key, value in options.items():
+        hint = hints.get(key)
+        if hint is not None and _fits(value, hint) is False:
+            raise ConfigError(
+                f"{group}.{key} must be {_type_name(hint)}, got {value!r} ({target.__name__}'s "
+                f"option {key}: {getattr(hint, '__name__', hint)})"
             )
 
 
@@ -125,6 +197,10 @@ def method_from_config(cfg: DictConfig) -> DistillationMethod:
         if p.kind is p.KEYWORD_ONLY
     ]
     unknown = sorted(set(cfg.method) - {"_target_"} - set(valid))
+    if not unknown:
+        options = OmegaConf.to_container(cfg.method, resolve=True)
+        assert isinstance(options, dict)
+        check_option_types(target, {k: v for k, v in options.items() if k != "_target_"}, "method")
     if unknown:
         hint = (
             "; schedule=critical_period weights information-flow layers (Passalis et al. "
@@ -150,6 +226,7 @@ def check_config(cfg: DictConfig) -> DistillationMethod:
         if value < (0 if key == "seed" else 1):
             raise ConfigError(f"{key} must be at least {0 if key == 'seed' else 1}, got {value}")
     check_values(cfg)
+    check_finite(cfg)
     check_trainer(cfg)
     layer_spec(cfg.layers)
     try:
@@ -157,7 +234,12 @@ def check_config(cfg: DictConfig) -> DistillationMethod:
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 - re-raised with the config context
-        raise ConfigError(f"invalid method settings: {err}") from err
+        cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
+        named = [str(k) for k in cfg.method if k != "_target_" and str(k) in str(cause)]
+        key = f"method.{named[0]}" if named else "method"
+        raise ConfigError(
+            f"invalid method settings: {key}: {cause} ({cfg.method._target_})"
+        ) from err
     layerwise = cfg.schedule.get("layerwise")
     if layerwise is not None and int(cfg.every_n_epochs) > int(cfg.epochs):
         raise ConfigError(

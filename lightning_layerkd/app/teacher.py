@@ -33,6 +33,12 @@ from . import ConfigError, signals
 from .cache_key import data_fingerprint, teacher_cache_key, trainer_options
 from .locks import pid_lock
 from .logs import get_logger
+from .safe_files import (
+    ChecksummedCheckpointIO,
+    UnreadableFileError,
+    UnsafeFileError,
+    load_tensors,
+)
 
 log = get_logger(__name__)
 
@@ -70,6 +76,7 @@ def build_trainer(
         default_root_dir=str(root),
         callbacks=[*callbacks, signals.StopOnSigterm()],
         logger=logger,
+        plugins=[ChecksummedCheckpointIO()],  # each checkpoint with its checksum
         **trainer_options(cfg, epochs),
     )
 
@@ -173,15 +180,11 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     if path.stat().st_size == 0:
         raise _Unusable("an empty file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise  # the file is there but cannot be read: not something to move aside
-    except Exception as err:  # noqa: BLE001 - any other failure means a damaged file
-        detail = str(err).strip().split(". ")[0].splitlines()[0] if str(err).strip() else ""
-        raise _Unusable(
-            f"not a readable PyTorch state dict, truncated or damaged: {type(err).__name__}"
-            + (f": {detail}" if detail else "")
-        ) from err
+        state = load_tensors(path)  # OSError (the file cannot be read) is not moved aside
+    except UnsafeFileError as err:
+        raise _Unusable(str(err)) from err
+    except UnreadableFileError as err:
+        raise _Unusable(f"not a readable PyTorch state dict, truncated or damaged: {err}") from err
     if not isinstance(state, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):

@@ -173,7 +173,7 @@ def _run(cfg: DictConfig, root: Path) -> dict[str, Any]:
     datamodule.train_dataloader = lambda: history.restore(make_loader())
     try:
         with signals.deferred():
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
         del datamodule.train_dataloader
         if isinstance(logger, WandbLogger):  # one wandb run per job, also when a job fails
