@@ -276,6 +276,21 @@ def test_a_read_only_cache_that_holds_the_teacher_is_read_without_a_lock(
         ("limit_val_batches=1.5", "limit_val_batches=1.5 is neither a number of batches"),
         ("+mthod=jacobian", "unknown key 'mthod' (set with mthod=... or +mthod=...): did you "),
         ("trainer.precision=bogus", "trainer settings: Precision 'bogus' is invalid."),
+        # every float of every group is finite (was: trains, caches the teacher, then NaN)
+        ("method.temperature=nan", "method.temperature must be a finite number, got nan"),
+        ("method.temperature=-inf", "method.temperature must be a finite number, got -inf"),
+        (
+            "schedule=layerwise schedule.layerwise.power=inf",
+            "schedule.layerwise.power must be a finite number, got inf",
+        ),
+        ("+trainer.gradient_clip_val=nan", "trainer.gradient_clip_val must be a finite number"),
+        # types from the method's signature, ranges from its constructor, the key named
+        ("method.temperature=abc", "method.temperature must be a number, got 'abc'"),
+        ("method.task_loss=3", "method.task_loss must be true or false, got 3"),
+        (
+            "method.temperature=-1",
+            "invalid method settings: method.temperature: temperature must be positive, got -1",
+        ),
     ],
 )
 def test_values_that_train_nothing_and_unknown_keys_are_refused(override, message, tmp_path):
@@ -285,7 +300,7 @@ def test_values_that_train_nothing_and_unknown_keys_are_refused(override, messag
         check_config(config(*TINY, *override.split()))
         return
     with pytest.raises(ConfigError) as err:
-        check_config(config(*TINY, override))
+        check_config(config(*TINY, *override.split()))
     assert str(err.value).startswith(message)
 
 
@@ -300,6 +315,7 @@ def test_method_logit_weight_is_checked(tmp_path):
     ("overrides", "says"),
     [
         (["lr=0"], "layerkd-train: error: lr must be finite and greater than 0, got 0"),
+        (["method.temperature=nan"], "error: method.temperature must be a finite number"),
         (["+mthod=jacobian"], "layerkd-train: error: unknown key 'mthod'"),
         (["mthod=jacobian"], "Could not override 'mthod'"),  # Hydra's own, now status 2
         (["method=fisher"], "Could not find 'method/fisher'"),
