@@ -141,6 +141,41 @@ def test_a_second_job_into_a_busy_run_directory_is_refused_with_the_holders_pid(
     assert list(cache.rglob("*.pt")) == []
 
 
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``folder``: its content and modification time."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sweep", [False, True])
+def test_a_job_refused_for_a_busy_directory_writes_nothing_there(tmp_path, cache, sweep):
+    """The holder's ``.hydra/`` files, ``train.log`` and (a sweep's) ``multirun.yaml`` are left
+    as they were by a second job (or sweep) into its directory, which exits 2 (Hydra wrote
+    them before the refusal; ``layerkd-report`` then listed a phantom job)."""
+    busy = tmp_path / "busy"
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "multirun.yaml"):
+        (busy / name).parent.mkdir(parents=True, exist_ok=True)
+        (busy / name).write_text(f"the holder's {name}\n")
+    option = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    command = [LAYERKD_TRAIN, *(["-m", "seed=0,1"] if sweep else []), *TINY, f"{option}={busy}"]
+    with run_dir_lock(busy, option=option):  # this process stands for the holder
+        before = snapshot(busy)
+        out = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert snapshot(busy) == before
+    kind = "sweep" if sweep else "run"
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert (
+        f"layerkd-train: error: the {kind} directory {busy} is in use by another layerkd-train "
+        f"job (PID {os.getpid()}); wait for it to end, or choose another {option}"
+    ) in out.stderr
+    assert "Traceback" not in out.stderr
+    assert list(cache.rglob("*.pt")) == []
+
+
 def test_two_jobs_started_in_the_same_second_get_their_own_run_directories(tmp_path, cache):
     """The default hydra.run.dir: two jobs started together (each stopping at a config
     mistake, after Hydra made its directory) never share one."""
