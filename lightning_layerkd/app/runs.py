@@ -123,6 +123,12 @@ class LockBeforeHydraWrites(HydraCallback):
     def __init__(self) -> None:
         self._held = contextlib.ExitStack()
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {}  # a launcher's job process gets one that holds nothing
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._held = contextlib.ExitStack()
+
     def _hold(self, folder: str, option: str) -> None:
         root = Path(folder)
         try:

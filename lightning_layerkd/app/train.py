@@ -39,6 +39,7 @@ from . import ConfigError, signals
 from .auxiliary import train_or_restore_auxiliary
 from .checks import check_config, check_layers, layer_spec
 from .identity import RunIdentity, run_identity
+from .launcher import SweepEnded
 from .logs import get_logger, route_lightning_to_root
 from .run_logs import FlushLogsOnCheckpoint, build_logger
 from .runs import StudentHistory, resume_from, run_dir_lock, sweep_identity
@@ -283,14 +284,14 @@ def cli() -> None:
         main()
     except SystemExit as stop:
         if signals.stopped(stop):
-            print(signals.stop_message(), file=sys.stderr)
-            sys.exit(signals.EXIT_SIGTERM)
+            signals.finish(signals.stop_message())
         if stop.code == 1 and not signals.job_started():  # Hydra's: before any job ran
             sys.exit(2)
         raise
     except signals.Preempted:
-        print(signals.stop_message(), file=sys.stderr)
-        sys.exit(signals.EXIT_SIGTERM)
+        signals.finish(signals.stop_message())
+    except SweepEnded as end:  # hydra/launcher=parallel: the jobs' statuses, as one
+        signals.finish(end.message, end.status)
 
 
 if __name__ == "__main__":
