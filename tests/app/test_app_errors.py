@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -439,3 +440,89 @@ def test_a_dataset_with_one_class_exits_2_naming_it(tmp_path, cache):
     assert out.returncode == 2, out.stderr[-2000:]
     assert "its labels hold 1 class; a classifier" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ('{"method": 3, "schedule": "s", "dataset": "D", "student": {}}', "method is 3, not a"),
+        (
+            '{"method": "m", "schedule": "s", "dataset": "D", "student": {"val_acc": "abc"}}',
+            "student.val_acc is 'abc', not a number",
+        ),
+        (
+            '{"method": "m", "schedule": "s", "dataset": "D", "student": {"history": "x"}}',
+            "student.history is not a list of epochs of numbers",
+        ),
+        (
+            '{"method": "m", "schedule": "s", "dataset": "D", "student": {}, "teacher": [1]}',
+            "teacher is list, not an object",
+        ),
+        ("[1, 2]", "it holds a JSON list, not an object"),
+        ("[" * 100000, "unreadable (RecursionError"),
+    ],
+)
+def test_the_report_never_crashes_on_a_malformed_results_json(tmp_path, capsys, content, problem):
+    """Each malformed results.json (right JSON, wrong shapes) is named beside the table of the
+    good runs, instead of a traceback in the table or the curves."""
+    _result(tmp_path / "0", "s", 0, 0.5)
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "results.json").write_text(content)
+    report_main([str(tmp_path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert f"layerkd-report: warning: {tmp_path / '1' / 'results.json'}: " in err
+    assert problem in err
+    assert (
+        "| Attention | Layerwise Update | 50.00 |" in (tmp_path / "out" / "table1.md").read_text()
+    )
+
+
+def test_the_report_lists_a_crashed_single_run_with_its_resume_command(tmp_path, capsys):
+    """A single run (``outputs/<date>/<time>``) that crashed keeps its ``.hydra/`` and
+    checkpoints but has no results.json: it is named with the command that resumes it."""
+    _result(tmp_path / "good", "s", 0, 0.5)
+    crashed = tmp_path / "crashed (1)"
+    (crashed / ".hydra").mkdir(parents=True)
+    OmegaConf.save(
+        OmegaConf.create(["seed=1", "method=attention"]), crashed / ".hydra" / "overrides.yaml"
+    )
+    (crashed / "checkpoints").mkdir()
+    (crashed / "checkpoints" / "last.ckpt").write_bytes(b"")
+    report_main([str(tmp_path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    (line,) = [
+        ln for ln in err.splitlines() if ln.startswith(f"layerkd-report: warning: {crashed}")
+    ]
+    head = f"layerkd-report: warning: {crashed}: run has no results.json, it crashed or was stopped"
+    assert line.startswith(f"{head}; resume it: ")
+    words = shlex.split(line.split("; resume it: ", 1)[1])  # as a shell splits it
+    assert words == [
+        "layerkd-train",
+        "seed=1",
+        "method=attention",
+        f"hydra.run.dir='{crashed}'",  # quoted for Hydra: a space and parentheses
+        "ckpt_path=last",
+    ]
+
+
+def test_the_report_never_averages_runs_with_different_settings_as_seeds():
+    """Three trials of a search (lr differs) and two seeds of one setting: the trials are rows
+    of their own, labelled by the setting; only the seeds are averaged."""
+    from lightning_layerkd.app.report import table
+
+    def run(lr, seed, acc):
+        return {
+            "method": "jacobian",
+            "schedule": "layerwise",
+            "dataset": "D",
+            "config": {"seed": seed, "lr": lr, "output_dir": f"/x/{lr}/{seed}"},
+            "student": {"val_acc": acc, "history": []},
+        }
+
+    _, rows = table([run(0.01, 0, 0.5), run(0.1, 0, 0.7), run(0.1, 1, 0.8)])
+    assert rows[:2] == [
+        ["Jacobian", "Layerwise Update [lr=0.01]", "50.00"],
+        ["", "Layerwise Update [lr=0.1]", "75.00 ± 7.07 (n=2)"],
+    ]
+    _, rows = table([run(0.1, 0, 0.7), run(0.1, 1, 0.8)])  # seeds only: one row, averaged
+    assert rows[0] == ["Jacobian", "Layerwise Update", "75.00 ± 7.07 (n=2)"]
