@@ -215,6 +215,27 @@ def method_from_config(cfg: DictConfig) -> DistillationMethod:
     return instantiate(cfg.method, _convert_="all")
 
 
+def check_some_loss(method: DistillationMethod) -> None:
+    """Refuse a method whose every loss term is zero (nothing would train): no task loss, no
+    logit KD, and a zero ``map_weight`` or zero weights for each of its own terms (e.g.
+    Jacobian matching's ``output_weight`` and ``activation_weight``)."""
+    options = method.options()
+    weights = {
+        k: float(v)
+        for k, v in options.items()
+        if k.endswith("weight") and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    own = {k: v for k, v in weights.items() if k not in ("map_weight", "logit_weight")}
+    distils = weights.get("map_weight", 0.0) > 0 and (not own or any(v > 0 for v in own.values()))
+    if options.get("task_loss", True) or weights.get("logit_weight", 0.0) > 0 or distils:
+        return
+    named = ", ".join(f"method.{k}={v:g}" for k, v in weights.items())
+    raise ConfigError(
+        f"every loss term of method={method.name} is zero (method.task_loss=false, {named}): "
+        "nothing would train; set method.task_loss=true or a weight above 0"
+    )
+
+
 def check_config(cfg: DictConfig) -> DistillationMethod:
     """Fail before training on mistakes a sweep would otherwise find hours later; returns the
     method."""
@@ -240,6 +261,12 @@ def check_config(cfg: DictConfig) -> DistillationMethod:
         raise ConfigError(
             f"invalid method settings: {key}: {cause} ({cfg.method._target_})"
         ) from err
+    check_some_loss(method)
+    if not str(cfg.teacher_cache_dir).strip():
+        raise ConfigError(
+            "teacher_cache_dir is empty: set it to a folder (teacher_cache_dir=<folder>), or "
+            "leave it out for $LAYERKD_CACHE/teachers"
+        )
     layerwise = cfg.schedule.get("layerwise")
     if layerwise is not None and int(cfg.every_n_epochs) > int(cfg.epochs):
         raise ConfigError(

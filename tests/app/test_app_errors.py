@@ -323,6 +323,21 @@ def test_a_read_only_cache_that_holds_the_teacher_is_read_without_a_lock(
         # types from the method's signature, ranges from its constructor, the key named
         ("method.temperature=abc", "method.temperature must be a number, got 'abc'"),
         ("method.task_loss=3", "method.task_loss must be true or false, got 3"),
+        # a configuration that trains nothing, a cache that is nowhere
+        (
+            "method.task_loss=false map_weight=0",
+            "every loss term of method=attention is zero (method.task_loss=false, "
+            "method.map_weight=0, method.logit_weight=0): nothing would train",
+        ),
+        (
+            "method=jacobian_matching method.task_loss=false method.output_weight=0",
+            "every loss term of method=jacobian_matching is zero (method.task_loss=false, "
+            "method.output_weight=0, method.activation_weight=0, method.norm_penalty_weight=0, "
+            "method.map_weight=1, method.logit_weight=0)",
+        ),
+        ("method.task_loss=false", None),  # the maps alone: fine
+        ("method.task_loss=false map_weight=0 method.logit_weight=0.5", None),  # logit KD
+        ("teacher_cache_dir=''", "teacher_cache_dir is empty: set it to a folder"),
         (
             "method.temperature=-1",
             "invalid method settings: method.temperature: temperature must be positive, got -1",
