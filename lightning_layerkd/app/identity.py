@@ -87,9 +87,13 @@ class RunIdentity(Callback):
 
     def __init__(self, identity: dict[str, Any]) -> None:
         self.identity = identity
+        #: the teacher's metadata (as cached), kept in the checkpoints with its weights
+        self.teacher: dict[str, Any] = {}
+        #: the teacher a checked checkpoint holds: its state dict and metadata
+        self.saved_teacher: tuple[dict[str, Any], dict[str, Any]] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"identity": self.identity}
+        return {"identity": self.identity, "teacher": self.teacher}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         pass  # checked by check() before anything trains
@@ -137,6 +141,10 @@ class RunIdentity(Callback):
             log.warning(f"{path} records no run identity (an older version wrote it); resuming")
             return
         found = differences(recorded["identity"], self.identity)
+        weights = saved.get("state_dict") or {}
+        state = {k.removeprefix("teacher."): v for k, v in weights.items() if k[:8] == "teacher."}
+        if state and recorded.get("teacher"):
+            self.saved_teacher = (state, dict(recorded["teacher"]))
         if found:
             lines = "\n".join(f"  {line}" for line in found)
             raise ConfigError(

@@ -298,9 +298,16 @@ def _cache_access(cache_dir: Path, weights: Path, meta_path: Path) -> bool:
     )
 
 
-def train_teacher(cfg: DictConfig, datamodule: Any, teacher: nn.Module, root: Path) -> dict:
+def train_teacher(
+    cfg: DictConfig,
+    datamodule: Any,
+    teacher: nn.Module,
+    root: Path,
+    saved: tuple[dict[str, Any], dict[str, Any]] | None = None,
+) -> dict:
     """Stage 1: train the teacher alone (``cfg.optimizer``, ``cfg.teacher_scheduler``), or load
-    it from the cache."""
+    it from the cache, or (an empty cache) from ``saved``, the weights and metadata of the
+    teacher a resumed student checkpoint holds (then cached again)."""
     cache_dir = Path(cfg.teacher_cache_dir)
     key = teacher_cache_key(cfg, data_fingerprint(datamodule))
     weights, meta_path = cache_dir / f"{key}.pt", cache_dir / f"{key}.json"
@@ -319,6 +326,18 @@ def train_teacher(cfg: DictConfig, datamodule: Any, teacher: nn.Module, root: Pa
             meta["cached"] = True
             log.info(f"teacher loaded from cache {weights}")
             return meta
+        if saved is not None and saved[1].get("key") == key:
+            load_teacher(teacher, saved[0], Path(str(cfg.ckpt_path)))
+            log.info(
+                f"the teacher cache holds no teacher {weights.name}: using the teacher the "
+                "resumed checkpoint holds"
+            )
+            meta = {k: v for k, v in saved[1].items() if k not in ("cached", "restored")}
+            if owner:
+                with signals.deferred():  # the whole entry, then SIGTERM's stop
+                    atomic_write(weights, lambda p: torch.save(teacher.state_dict(), p))
+                    atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2)))
+            return {**meta, "cached": False, "restored": "checkpoint"}
         if not writable:
             raise ConfigError(
                 f"the teacher cache {cache_dir} is read-only and its entry {weights.name} is "

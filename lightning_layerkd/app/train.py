@@ -139,8 +139,11 @@ def _run(cfg: DictConfig, root: Path) -> dict[str, Any]:
     identity.check(ckpt_path)
 
     teacher_meta: dict[str, Any] = {}
-    if method.needs_teacher:
-        teacher_meta = train_teacher(cfg, datamodule, teacher, root)
+    if method.needs_teacher:  # the checkpoint's teacher where the cache is empty (not an
+        saved = identity.saved_teacher if auxiliary is None else None  # auxiliary network)
+        teacher_meta = train_teacher(cfg, datamodule, teacher, root, saved)
+        kept = {k: v for k, v in teacher_meta.items() if k not in ("cached", "restored")}
+        identity.teacher = kept  # in the student's checkpoints, with the teacher's weights
 
     def distiller(source: nn.Module | None, target: nn.Module, pairs: Any) -> DistillationModule:
         scheduler = cfg.schedule.get("scheduler")
