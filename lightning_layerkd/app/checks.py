@@ -200,7 +200,8 @@ def method_from_config(cfg: DictConfig) -> DistillationMethod:
     if not unknown:
         options = OmegaConf.to_container(cfg.method, resolve=True)
         assert isinstance(options, dict)
-        check_option_types(target, {k: v for k, v in options.items() if k != "_target_"}, "method")
+        given = {str(k): v for k, v in options.items() if k != "_target_"}
+        check_option_types(target, given, "method")
     if unknown:
         hint = (
             "; schedule=critical_period weights information-flow layers (Passalis et al. "

@@ -199,7 +199,7 @@ class ProcessLauncher(Launcher):
         return True
 
     def _run(self, jobs: list[_Job]) -> None:
-        waiting, running = list(jobs), []
+        waiting, running = list(jobs), list[_Job]()
         while waiting or running:
             while waiting and len(running) < self.n_jobs:
                 job = waiting.pop(0)

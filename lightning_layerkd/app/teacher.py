@@ -38,6 +38,7 @@ from .safe_files import (
     UnreadableFileError,
     UnsafeFileError,
     load_tensors,
+    verify_checksum,
 )
 
 log = get_logger(__name__)
@@ -63,9 +64,50 @@ class EpochHistory(Callback):
         )
         self.epochs.append(row)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"epochs": list(self.epochs)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.epochs = list(state_dict["epochs"])
+
     def last(self, key: str = "val/acc") -> float | None:
         """``key`` of the last epoch, or ``None`` before any."""
         return self.epochs[-1].get(key) if self.epochs else None
+
+
+class TeacherKey(Callback):
+    """The teacher's cache key in its checkpoints: a teacher stage stopped part-way resumes
+    from its last checkpoint only if that is the same teacher (:func:`teacher_checkpoint`)."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"key": self.key}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass  # checked by teacher_checkpoint() before the fit
+
+
+def teacher_checkpoint(folder: Path, key: str) -> str | None:
+    """The newest checkpoint in ``folder`` of a teacher fit of ``key`` that stopped part-way
+    (read safely, its checksum intact), or ``None``."""
+    found = (
+        sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    )
+    if not found:
+        return None
+    try:
+        saved = load_tensors(found[-1])
+    except (UnsafeFileError, UnreadableFileError, OSError) as err:
+        log.warning(f"the teacher checkpoint {found[-1]} is unusable ({err}); training anew")
+        return None
+    states = saved.get("callbacks", {}) if isinstance(saved, dict) else {}
+    recorded = next((v for k, v in states.items() if str(k).endswith("TeacherKey")), None)
+    if verify_checksum(saved) is False or not recorded or recorded.get("key") != key:
+        log.info(f"the teacher checkpoint {found[-1]} is of another teacher or damaged; ignored")
+        return None
+    return str(found[-1])
 
 
 def build_trainer(
@@ -355,9 +397,13 @@ def train_teacher(
             scheduler=instantiate(cfg.teacher_scheduler),
         )
         history = EpochHistory()
-        trainer = build_trainer(cfg, cfg.teacher_epochs, root / "teacher", [history], False)
+        callbacks: list[Callback] = [history, TeacherKey(key)]
+        trainer = build_trainer(cfg, cfg.teacher_epochs, root / "teacher", callbacks, False)
+        resume = teacher_checkpoint(root / "teacher" / "checkpoints", key)
+        if resume is not None:  # a teacher stage stopped part-way (preempted): go on
+            log.info(f"resuming the teacher's training from {resume}")
         with signals.deferred():  # SIGTERM: Lightning stops the fit, nothing is cached
-            trainer.fit(module, datamodule=datamodule)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
         check_teacher(teacher, history, cfg, built)
         meta = {
             "key": key,

@@ -29,6 +29,7 @@ from tests.helpers.processes import (
     launched,
     log_path,
     no_temporary_files,
+    paste,
     stop_lines,
     tail,
     wait_for,
@@ -194,6 +195,16 @@ def test_sigterm_while_the_teacher_trains_exits_143_and_caches_nothing(tmp_path)
     (line,) = stop_lines(run_dir)
     assert line.startswith("layerkd-train: stopped by SIGTERM; no epoch was checkpointed; rerun")
     assert line.endswith(f"hydra.run.dir={run_dir}")
+    # the printed command resumes the teacher from its last checkpoint instead of restarting
+    (saved,) = (run_dir / "teacher" / "checkpoints").glob("*.ckpt")
+    stopped_at = torch.load(saved, map_location="cpu", weights_only=True)["epoch"]
+    assert 0 <= stopped_at < 5
+    done = paste(line.split("rerun with: ", 1)[1], cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming the teacher's training from {saved}" in (run_dir / "train.log").read_text()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [row["epoch"] for row in results["teacher"]["history"]] == list(range(6))
+    assert len(list(teachers.glob("*.pt"))) == 1  # and cached
 
 
 @pytest.mark.slow
