@@ -21,7 +21,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class, get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -125,13 +125,19 @@ def _type_name(hint: Any) -> str:
     return names.get(hint, "null" if hint is type(None) else str(hint))
 
 
-def check_option_types(target: type, options: dict[str, Any], group: str) -> None:
-    """``options`` of the class ``target`` (a config group's, e.g. ``method``) of the types its
-    constructor's signature names (``method.temperature=abc`` is a mistake, not a traceback)."""
+def check_option_types(target: Any, options: dict[str, Any], group: str) -> None:
+    """``options`` of ``target`` (a class or function a config group builds, e.g. ``method``)
+    of the types its signature names (``method.temperature=abc`` is a mistake, not a
+    traceback)."""
     hints: dict[str, Any] = {}
-    for cls in reversed(target.__mro__[:-1]):
+    functions = (
+        [cls.__init__ for cls in reversed(target.__mro__[:-1])]
+        if inspect.isclass(target)
+        else [target]
+    )
+    for function in functions:
         try:
-            hints.update(typing.get_type_hints(cls.__init__))  # type: ignore[misc]
+            hints.update(typing.get_type_hints(function))
         except Exception:  # noqa: BLE001 - a signature we cannot read is not checked
             continue
     for key, value in options.items():
@@ -141,6 +147,34 @@ def check_option_types(target: type, options: dict[str, Any], group: str) -> Non
                 f"{group}.{key} must be {_type_name(hint)}, got {value!r} ({target.__name__}'s "
                 f"option {key}: {getattr(hint, '__name__', hint)})"
             )
+
+
+def check_built_options(cfg: DictConfig) -> None:
+    """The options of every object the config builds with ``_target_`` (dataset, models,
+    optimizer, schedule, callbacks, logger) against its signature's types, the key named
+    (``model.student.width=abc``, ``dataset.batch_size=1.5``)."""
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    nodes: list[tuple[str, dict[str, Any]]] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            if "_target_" in node and prefix != "method":  # the method: method_from_config
+                nodes.append((prefix, node))
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else str(key))
+
+    walk(tree, "")
+    for prefix, node in nodes:
+        try:
+            target = get_method(str(node["_target_"]))
+        except Exception:  # noqa: BLE001 - a target that does not import: Hydra says so
+            continue
+        plain = {
+            str(k): v
+            for k, v in node.items()
+            if not str(k).startswith("_") and not (isinstance(v, str) and "${" in v)
+        }
+        check_option_types(target, plain, prefix)
 
 
 def known_keys() -> set[str]:
@@ -249,6 +283,7 @@ def check_config(cfg: DictConfig) -> DistillationMethod:
             raise ConfigError(f"{key} must be at least {0 if key == 'seed' else 1}, got {value}")
     check_values(cfg)
     check_finite(cfg)
+    check_built_options(cfg)
     check_trainer(cfg)
     layer_spec(cfg.layers)
     try:

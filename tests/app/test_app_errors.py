@@ -323,6 +323,14 @@ def test_a_read_only_cache_that_holds_the_teacher_is_read_without_a_lock(
         # types from the method's signature, ranges from its constructor, the key named
         ("method.temperature=abc", "method.temperature must be a number, got 'abc'"),
         ("method.task_loss=3", "method.task_loss must be true or false, got 3"),
+        # every object the config builds: its options against its signature, the key named
+        ("model.student.width=abc", "model.student.width must be an integer, got 'abc'"),
+        ("dataset.batch_size=1.5", "dataset.batch_size must be an integer, got 1.5"),
+        ("optimizer.momentum=abc", "optimizer.momentum must be a number, got 'abc'"),
+        (
+            "schedule=layerwise schedule.layerwise.gamma=abc",
+            "schedule.layerwise.gamma must be a number, got 'abc'",
+        ),
         # a configuration that trains nothing, a cache that is nowhere
         (
             "method.task_loss=false map_weight=0",
