@@ -131,7 +131,7 @@ def check_option_types(target: Any, options: dict[str, Any], group: str) -> None
     traceback)."""
     hints: dict[str, Any] = {}
     functions = (
-        [cls.__init__ for cls in reversed(target.__mro__[:-1])]
+        [cls.__init__ for cls in reversed(target.__mro__[:-1])]  # type: ignore[misc]
         if inspect.isclass(target)
         else [target]
     )

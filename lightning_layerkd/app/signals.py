@@ -138,9 +138,12 @@ def search(hydra_cfg: Any) -> dict[str, Any] | None:
     if "optuna" not in str(sweeper.get("_target_", "")).lower():
         return None
     searched = set(sweeper.get("params") or {})
-    own = ("hydra.sweep.dir=", "hydra.sweeper.n_trials=", "hydra.sweeper.storage=")
+    own = tuple(f"hydra.{key}=" for key in ("sweep.dir", "sweeper.n_trials", "sweeper.storage")) + (
+        "hydra.sweeper.sampler.seed=",
+    )
     return {
         "storage": sweeper.get("storage"),
+        "seed": int((sweeper.get("sampler") or {}).get("seed") or 0),
         "n_trials": int(sweeper.n_trials),
         "sweep_dir": Path(str(hydra_cfg.sweep.dir)),
         "overrides": [
@@ -154,28 +157,30 @@ def search(hydra_cfg: Any) -> dict[str, Any] | None:
 
 
 def continue_search(info: dict[str, Any], done: int) -> list[str]:
-    """How to continue an Optuna search stopped with ``done`` trials behind it: a new sweep
-    directory beside the old one, the study's storage (its finished trials inform the
-    sampler) and the trials still to go."""
+    """How to continue an Optuna search stopped with ``done`` trials behind it: its remaining
+    trials in a new sweep directory beside the old one, from the study's storage where it
+    has one (its finished trials then inform the sampler), else as a new search (with another
+    sampler seed, so that it does not propose the finished trials again)."""
     sweep_dir: Path = info["sweep_dir"]
     storage, left = info["storage"], max(info["n_trials"] - done, 1)
-    if not storage:
-        return [
-            "layerkd-train: the Optuna search kept its trials in memory "
-            "(hydra.sweeper.storage=null), so it cannot be continued; start it again, with "
-            f"hydra.sweeper.storage=sqlite:///{sweep_dir}/optuna.db to make it resumable"
-        ]
-    if str(storage).startswith("sqlite:///"):  # a relative file: the same from any folder
-        storage = "sqlite:///" + str(Path(str(storage).removeprefix("sqlite:///")).resolve())
     target = sweep_dir.with_name(f"{sweep_dir.name}-continued")
     words = ["layerkd-train", *info["overrides"], *info["hydra"]]
-    words += [f"hydra.sweep.dir={hydra_value(str(target))}"]
-    words += [f"hydra.sweeper.storage={hydra_value(str(storage))}"]
-    words += [f"hydra.sweeper.n_trials={left}"]
+    words += [f"hydra.sweep.dir={hydra_value(str(target))}", f"hydra.sweeper.n_trials={left}"]
+    if storage:
+        if str(storage).startswith("sqlite:///"):  # a relative file: the same from any folder
+            storage = "sqlite:///" + str(Path(str(storage).removeprefix("sqlite:///")).resolve())
+        words += [f"hydra.sweeper.storage={hydra_value(str(storage))}"]
+        how = f"its study is in {storage}: continue it, its finished trials informing the sampler"
+    else:
+        words += [f"hydra.sweeper.sampler.seed={info['seed'] + done}"]
+        how = (
+            "its study was in memory (hydra.sweeper.storage=null): run its remaining trials as a "
+            f"new search (its {done} finished trials stay in {sweep_dir}; layerkd-report "
+            f"{sweep_dir.parent} reports both)"
+        )
     return [
-        f"layerkd-train: the Optuna search stopped after {done} of its {info['n_trials']} trials "
-        f"(its study is in {storage}); continue it, its finished trials informing the sampler, "
-        f"with: {' '.join(shlex.quote(w) for w in words)}"
+        f"layerkd-train: the Optuna search stopped after {done} of its {info['n_trials']} "
+        f"trials; {how}, with: {' '.join(shlex.quote(w) for w in words)}"
     ]
 
 
