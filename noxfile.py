@@ -52,10 +52,10 @@ def wheel(session: nox.Session) -> None:
     clone with links turned off (``core.symlinks=false``, as on Windows), installed both ways:
     the repository holds no link the package needs."""
     session.install("build")
-    dist = session.create_tmp()
+    dist = str(Path(session.create_tmp()).resolve())
     session.run("python", "-m", "build", "--wheel", "--outdir", dist, silent=True)
     _install_and_check(session, f'"$(ls {dist}/*.whl)[sweeps]"', away=dist)
-    clone = Path(session.create_tmp()) / "no-links"
+    clone = Path(dist) / "no-links"
     session.run("rm", "-rf", str(clone), external=True)
     session.run(
         "git", "-c", "core.symlinks=false", "clone", "-q", str(ROOT), str(clone), external=True

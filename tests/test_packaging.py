@@ -23,13 +23,20 @@ SETUPTOOLS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setup
 
 
 def test_pyproject_lists_every_package_of_the_tree() -> None:
+    """The code's packages and every folder of conf/ (a config group: a package of data)."""
     package = ROOT / "lightning_layerkd"
     found = {
         ".".join(init.parent.relative_to(ROOT).parts)
         for init in package.rglob("__init__.py")
         if "__pycache__" not in init.parts
     }
-    assert set(SETUPTOOLS["packages"]) == found | {"lightning_layerkd.conf"}
+    configs = {
+        ".".join(["lightning_layerkd", *folder.relative_to(ROOT).parts])
+        for folder in [ROOT / "conf", *(ROOT / "conf").rglob("*")]
+        if folder.is_dir() and folder.name != "__pycache__"
+    }
+    assert "lightning_layerkd.conf.method" in configs
+    assert set(SETUPTOOLS["packages"]) == found | configs
 
 
 def test_the_configs_package_is_the_top_level_conf_folder() -> None:
