@@ -156,3 +156,15 @@ def test_a_resume_from_a_checkpoint_with_flipped_bytes_is_refused_naming_it(
     last.write_bytes((run_dir / "checkpoints" / "epoch=0-step=3.ckpt").read_bytes())
     resumed = run(config(*overrides, "ckpt_path=last"), run_dir)
     assert [row["epoch"] for row in resumed["student"]["history"]] == [0, 1]
+
+
+def test_a_malicious_teacher_cache_file_is_unusable_and_runs_nothing(tmp_path: Path) -> None:
+    """The teacher cache reads its entries through the same loader: a pickle that would run
+    code is an unusable entry (moved aside and retrained by its owner), and nothing runs."""
+    from lightning_layerkd.app.teacher import _read_state, _Unusable
+
+    target = tmp_path / "pwned"
+    path = malicious(tmp_path / "key.pt", target, zipped=True)
+    with pytest.raises(_Unusable, match="unpickling it could run code"):
+        _read_state(path)
+    assert not target.exists()
