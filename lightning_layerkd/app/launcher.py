@@ -212,6 +212,10 @@ class ProcessLauncher(Launcher):
     def _stop(self, jobs: list[_Job]) -> None:
         """Pass SIGTERM on to the running jobs and wait for them to stop."""
         running = [j for j in jobs if j.process is not None and j.exitcode is None]
+        for job in running:  # stopped as it was being started: it never ran
+            if job.process.pid is None:
+                job.process = None
+        running = [j for j in running if j.process is not None]
         for job in running:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(job.process.pid, signal.SIGTERM)
