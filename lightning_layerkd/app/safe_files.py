@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 #: The key under which a checkpoint written by the app holds its checksum.
 CHECKSUM_KEY = "layerkd_checksum"
