@@ -23,7 +23,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,8 @@ class SweepEnded(BaseException):
 
 @dataclass
 class _Job:
+    """One job of the sweep: its number, overrides and directory, and how it went."""
+
     num: int
     overrides: list[str]
     folder: Path
@@ -59,7 +61,6 @@ class _Job:
     connection: Any = None
     result: JobReturn | None = None  # a job that ended well: what it returned
     exitcode: int | None = None
-    log: list[str] = field(default_factory=list)
 
 
 def _task(reference: tuple[str, str]) -> Callable[[DictConfig], Any]:
