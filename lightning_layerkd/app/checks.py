@@ -144,8 +144,8 @@ def check_option_types(target: Any, options: dict[str, Any], group: str) -> None
         hint = hints.get(key)
         if hint is not None and _fits(value, hint) is False:
             raise ConfigError(
-                f"{group}.{key} must be {_type_name(hint)}, got {value!r} ({target.__name__}'s "
-                f"option {key}: {getattr(hint, '__name__', hint)})"
+                f"{group}.{key} must be {_type_name(hint)}, got {value!r} (an option of "
+                f"{target.__name__})"
             )
 
 

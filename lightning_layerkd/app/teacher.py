@@ -113,13 +113,16 @@ def teacher_checkpoint(folder: Path, key: str) -> str | None:
 def build_trainer(
     cfg: DictConfig, epochs: int, root: Path, callbacks: list[Callback], logger: Any
 ) -> pl.Trainer:
-    """A ``Trainer`` from ``cfg.trainer`` for ``epochs`` epochs under ``root``."""
+    """A ``Trainer`` from ``cfg.trainer`` for ``epochs`` epochs under ``root``, its
+    checkpoints written with their checksum (beside any plugins of ``trainer.plugins``)."""
+    options = trainer_options(cfg, epochs)
+    given = options.pop("plugins", None) or []
     return pl.Trainer(
         default_root_dir=str(root),
         callbacks=[*callbacks, signals.StopOnSigterm()],
         logger=logger,
-        plugins=[ChecksummedCheckpointIO()],  # each checkpoint with its checksum
-        **trainer_options(cfg, epochs),
+        plugins=[*(given if isinstance(given, list) else [given]), ChecksummedCheckpointIO()],
+        **options,
     )
 
 
