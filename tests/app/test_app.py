@@ -228,6 +228,22 @@ def test_logit_distillation_run_and_its_term_on_a_feature_method(tmp_path, share
     assert "train/logit_loss" in metrics.read_text().splitlines()[0]
 
 
+def test_a_logit_loss_composes_with_a_feature_method_from_one_override(tmp_path, shared_cache):
+    """method=attention method/logit_loss=dist: attention maps plus DIST, each term logged."""
+    cfg = config("method=attention", "method/logit_loss=dkd", "method.logit_loss.standardize=true")
+    method = instantiate(cfg.method)
+    assert method.label == "attention+dkd+ls" and method.logit_term.beta == 8.0
+    assert instantiate(config("method=dkd", "method.standardize=true").method).label == "dkd+ls"
+    assert instantiate(config("method=dist").method).label == "dist"
+    overrides = ("method/logit_loss=dist", "logger=csv", "trainer.log_every_n_steps=1")
+    results = run(config(*TINY, *overrides), tmp_path)
+    assert results["method"] == "attention+dist"
+    assert results["method_options"]["logit_loss"]["_target_"].endswith("DISTLoss")
+    (metrics,) = tmp_path.rglob("metrics.csv")
+    header = metrics.read_text().splitlines()[0].split(",")
+    assert {"train/dist_inter", "train/dist_intra", "train/map_loss"} <= set(header)
+
+
 def test_teacher_is_trained_once_then_loaded_from_cache(tmp_path, cache):
     first = run(config(*TINY), tmp_path / "a")
     second = run(config(*TINY, "method=jacobian"), tmp_path / "b")

@@ -297,6 +297,45 @@ def test_method_logit_weight_is_checked(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ("method/logit_loss=dkd", "method.logit_loss.beta=-1"),
+            "method.logit_loss.beta must be finite and non-negative",
+        ),
+        (
+            ("method/logit_loss=dist", "method.logit_loss.temperature=0"),
+            "method.logit_loss.temperature must be finite and greater than 0",
+        ),
+        (("method=dkd", "method.alpha=-0.5"), "method.alpha must be finite and non-negative"),
+        (("method=dist", "method.temperature=0"), "method.temperature must be finite and greater"),
+        (
+            ("method=dkd", "method/logit_loss=dist"),
+            "method options ['logit_loss'] are not options of DecoupledKD",
+        ),
+        (
+            ("method=attention_logits", "method/logit_loss=dkd"),
+            "invalid method settings: Error in call to target",
+        ),
+        (
+            ("method/logit_loss=dkd", "method.logit_loss.warmup_epochs=-2"),
+            "invalid method settings: Error in call to target",
+        ),
+    ],
+)
+def test_bad_logit_loss_options_are_refused_by_name(overrides, message):
+    from lightning_layerkd.app.checks import check_config
+
+    with pytest.raises(ConfigError) as err:
+        check_config(config(*TINY, "schedule=none", *overrides))
+    assert str(err.value).startswith(message)
+    if "attention_logits" in overrides:
+        assert "both add a logit loss" in str(err.value)
+    if "method.logit_loss.warmup_epochs=-2" in overrides:
+        assert "warmup_epochs must be >= 0, got -2" in str(err.value)
+
+
+@pytest.mark.parametrize(
     ("overrides", "says"),
     [
         (["lr=0"], "layerkd-train: error: lr must be finite and greater than 0, got 0"),
