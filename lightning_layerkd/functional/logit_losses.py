@@ -36,7 +36,7 @@ def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
 
 
 def standardize_logits(logits: Tensor, eps: float = STD_EPS) -> Tensor:
-    """Logit standardization (Sun et al. 2024, section 3, ``Z`` without its ``tau``): per sample,
+    """Logit standardization (Sun et al. 2024: their ``Z`` without its ``tau``): per sample,
     ``(z - mean(z)) / (std(z) + eps)`` over the classes, with the population standard deviation
     ``sqrt(mean((z - mean(z))^2))`` of the paper (their code uses Bessel's correction, a constant
     factor ``sqrt(K / (K - 1))`` that a temperature absorbs). ``Z(z; tau)`` of the paper is this
@@ -122,7 +122,7 @@ def dkd_loss(
 
 
 def pearson_distance(a: Tensor, b: Tensor, dim: int = -1, eps: float = PEARSON_EPS) -> Tensor:
-    """``1 - rho_p(a, b)`` along ``dim`` (Huang et al. 2022, section 3.2's ``d_p``): ``rho_p`` is
+    """``1 - rho_p(a, b)`` along ``dim`` (Huang et al. 2022: their distance ``d_p``): ``rho_p`` is
     Pearson's correlation, the cosine of the centred vectors, the product of norms clamped at
     ``eps`` (a constant vector correlates 0). In ``[0, 2]``; invariant to ``a -> m a + n`` with
     ``m > 0`` (the property DIST rests on), likewise for ``b``."""
@@ -139,7 +139,7 @@ def dist_terms(
     *,
     standardize: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """DIST's inter- and intra-class relation losses (Huang et al. 2022, sections 3.2-3.3), each
+    """DIST's inter- and intra-class relation losses (Huang et al. 2022), each
     times ``T^2``: with ``Y = softmax(z / T)`` of shape ``(B, K)``, inter is the mean over samples
     of ``1 - rho_p(Y_i,:^S, Y_i,:^T)`` (over the classes), intra the mean over classes of
     ``1 - rho_p(Y_:,j^S, Y_:,j^T)`` (over the batch). ``standardize``: ``Z(z; T)`` in place of
