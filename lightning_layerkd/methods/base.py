@@ -143,6 +143,17 @@ class DistillationMethod:
         ``attention+dkd+ls``), so that they never share a row of a report."""
         return f"{self.name}+{self.logit_term.label}" if self.logit_term else self.name
 
+    def check_task(self, task: str) -> None:
+        """A ``ValueError`` unless the method, its logit loss included, is defined for ``task``
+        (decoupled KD and DIST are multi-class only)."""
+        term = self.logit_term
+        if term is not None and task not in term.tasks:
+            raise ValueError(
+                f"{self!r}: its logit loss {type(term).__name__} is defined for task in "
+                f"{list(term.tasks)}, not {task!r}; KDLoss (Hinton et al.) handles multi-label "
+                "data"
+            )
+
     # ------------------------------------------------------------------ extension points
     def compute(self, nets: Networks, x: Tensor, y: Tensor, *, create_graph: bool) -> MethodOutput:
         """The method's logits, divergences and loss terms for one batch ``(x, y)``.

@@ -20,6 +20,7 @@ from lightning_layerkd.app.runs import run_dir_lock
 from lightning_layerkd.app.train import ConfigError, run
 from lightning_layerkd.guards import NonFiniteLossError
 from tests.helpers.app import TINY, config
+from tests.helpers.coco import make_coco_fixture
 
 
 @pytest.mark.parametrize(
@@ -333,6 +334,18 @@ def test_bad_logit_loss_options_are_refused_by_name(overrides, message):
         assert "both add a logit loss" in str(err.value)
     if "method.logit_loss.warmup_epochs=-2" in overrides:
         assert "warmup_epochs must be >= 0, got -2" in str(err.value)
+
+
+@pytest.mark.parametrize("overrides", [("method=dkd",), ("method/logit_loss=dist",)])
+def test_a_multiclass_logit_loss_on_multilabel_data_fails_before_the_teacher(
+    overrides, tmp_path, cache
+):
+    ann, images = make_coco_fixture(tmp_path)
+    coco = ["dataset=coco", *(f"dataset.annotation_file_{s}={ann}" for s in ("train", "val"))]
+    coco += [f"dataset.image_dir_{s}={images}" for s in ("train", "val")]
+    with pytest.raises(ConfigError, match="^method and dataset: .* not 'multilabel'"):
+        run(config(*TINY, "schedule=none", *coco, *overrides), tmp_path / "run")
+    assert not list(cache.rglob("*.pt"))  # no teacher was trained
 
 
 @pytest.mark.parametrize(

@@ -114,6 +114,13 @@ def test_multiclass_losses_refuse_multilabel_data(loss):
         loss(z, z, torch.ones(4, 3), task="multilabel", epoch=0)
 
 
+@pytest.mark.parametrize("method", [DecoupledKD(), AttentionMaps(logit_loss=DISTLoss())])
+def test_the_module_refuses_a_multiclass_logit_loss_for_multilabel_data(method):
+    teacher, student = pair()
+    with pytest.raises(ValueError, match="defined for task in \\['multiclass'\\], not 'multil"):
+        DistillationModule(teacher, student, method=method, num_classes=CLASSES, task="multilabel")
+
+
 def test_kd_loss_handles_multilabel_data():
     z_s, z_t = torch.randn(4, 3), torch.randn(4, 3)
     terms = KDLoss()(z_s, z_t, torch.ones(4, 3), task="multilabel", epoch=0)
