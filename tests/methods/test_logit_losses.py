@@ -21,12 +21,14 @@ from lightning_layerkd.methods import (
     DIST,
     AttentionMaps,
     DecoupledKD,
+    DistillationMethod,
     DISTLoss,
     DKDLoss,
     InformationFlow,
     JacobianMatching,
     KDLoss,
     LogitDistillation,
+    MethodOutput,
     Networks,
     build_method,
 )
@@ -297,3 +299,17 @@ def test_options_give_the_logit_loss_as_a_node_that_rebuilds_it():
     }
     rebuilt = AttentionMaps(**{**options, "logit_loss": _build(node)})
     assert rebuilt.options() == options and rebuilt.label == method.label
+
+
+def test_a_method_term_named_like_a_logit_term_is_refused():
+    class Clashing(DistillationMethod):
+        uses_layers = False
+
+        def compute(self, nets, x, y, *, create_graph):
+            logits = nets.student(x)
+            return MethodOutput(logits, nets.teacher(x), {}, {"nckd": logits.sum() * 0})
+
+    teacher, student = pair()
+    x, y = batch()
+    with pytest.raises(ValueError, match=r"share the names \['nckd'\]; rename"):
+        Clashing(logit_loss=DKDLoss())(nets(student, teacher), x, y, create_graph=False)
