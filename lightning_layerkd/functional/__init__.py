@@ -20,6 +20,7 @@ function                            paper
 ==================================  ===========================================================
 """
 
+from lightning_layerkd._common import TASKS, Task
 from lightning_layerkd.functional.derivatives import compute_maps, hessian_map, jacobian_map
 from lightning_layerkd.functional.divergence import (
     js_divergence,
@@ -46,8 +47,6 @@ from lightning_layerkd.functional.logit_losses import (
     standardize_logits,
 )
 from lightning_layerkd.functional.maps import (
-    TASKS,
-    Task,
     attention_map,
     match_maps,
     to_distribution,

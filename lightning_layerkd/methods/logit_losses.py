@@ -23,7 +23,7 @@ from lightning_layerkd.functional.logit_losses import decoupled_kd_terms, dist_t
 LOGIT_TERM = "logit_loss"
 
 
-def check_non_negative(owner: str, name: str, value: float) -> float:
+def _non_negative(owner: str, name: str, value: float) -> float:
     """``value`` as a float; a ``ValueError`` naming ``owner``'s option ``name`` unless it is
     finite and >= 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -50,7 +50,7 @@ class LogitLoss:
 
     def __init__(self, *, temperature: float = 4.0, standardize: bool = False) -> None:
         owner = type(self).__name__
-        if check_non_negative(owner, "temperature", temperature) == 0:
+        if _non_negative(owner, "temperature", temperature) == 0:
             raise ValueError(f"{owner}: temperature must be positive, got {temperature}")
         if not isinstance(standardize, bool):
             raise TypeError(f"{owner}: standardize must be true or false, got {standardize!r}")
@@ -109,7 +109,7 @@ class KDLoss(LogitLoss):
         self, *, weight: float = 1.0, temperature: float = 4.0, standardize: bool = False
     ) -> None:
         super().__init__(temperature=temperature, standardize=standardize)
-        self.weight = check_non_negative(type(self).__name__, "weight", weight)
+        self.weight = _non_negative(type(self).__name__, "weight", weight)
 
     def terms(
         self, logits: Tensor, teacher_logits: Tensor, target: Tensor, *, task: str, epoch: int
@@ -146,8 +146,8 @@ class DKDLoss(LogitLoss):
     ) -> None:
         super().__init__(temperature=temperature, standardize=standardize)
         owner = type(self).__name__
-        self.alpha = check_non_negative(owner, "alpha", alpha)
-        self.beta = check_non_negative(owner, "beta", beta)
+        self.alpha = _non_negative(owner, "alpha", alpha)
+        self.beta = _non_negative(owner, "beta", beta)
         if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int):
             raise TypeError(f"{owner}: warmup_epochs must be an integer, got {warmup_epochs!r}")
         if warmup_epochs < 0:
@@ -193,8 +193,8 @@ class DISTLoss(LogitLoss):
     ) -> None:
         super().__init__(temperature=temperature, standardize=standardize)
         owner = type(self).__name__
-        self.beta = check_non_negative(owner, "beta", beta)
-        self.gamma = check_non_negative(owner, "gamma", gamma)
+        self.beta = _non_negative(owner, "beta", beta)
+        self.gamma = _non_negative(owner, "gamma", gamma)
 
     def terms(
         self, logits: Tensor, teacher_logits: Tensor, target: Tensor, *, task: str, epoch: int
