@@ -315,8 +315,8 @@ def test_a_read_only_cache_that_holds_the_teacher_is_read_without_a_lock(
         ("+mthod=jacobian", "unknown key 'mthod' (set with mthod=... or +mthod=...): did you "),
         ("trainer.precision=bogus", "trainer settings: Precision 'bogus' is invalid."),
         # every float of every group is finite (was: trains, caches the teacher, then NaN)
-        ("method.temperature=nan", "method.temperature must be a finite number, got nan"),
-        ("method.temperature=-inf", "method.temperature must be a finite number, got -inf"),
+        ("method.temperature=nan", "method.temperature must be finite and greater than 0, got n"),
+        ("method.temperature=-inf", "method.temperature must be finite and greater than 0, got -"),
         (
             "schedule=layerwise schedule.layerwise.power=inf",
             "schedule.layerwise.power must be a finite number, got inf",
@@ -348,9 +348,10 @@ def test_a_read_only_cache_that_holds_the_teacher_is_read_without_a_lock(
         ("method.task_loss=false", None),  # the maps alone: fine
         ("method.task_loss=false map_weight=0 method.logit_weight=0.5", None),  # logit KD
         ("teacher_cache_dir=''", "teacher_cache_dir is empty: set it to a folder"),
+        ("method.temperature=-1", "method.temperature must be finite and greater than 0, got -1"),
         (
-            "method.temperature=-1",
-            "invalid method settings: method.temperature: temperature must be positive, got -1",
+            "method=jacobian method.weight_alignment=1",
+            "method.weight_alignment must be one of 'sorted', 'index', got 1",
         ),
     ],
 )
