@@ -315,8 +315,11 @@ def check_config(cfg: DictConfig) -> DistillationMethod:
         raise
     except Exception as err:  # noqa: BLE001 - re-raised with the config context
         cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
-        named = [str(k) for k in cfg.method if k != "_target_" and str(k) in str(cause)]
-        key = f"method.{named[0]}" if named else "method"
+        text = str(cause)
+        leaves = [k for k, _ in _leaves(OmegaConf.to_container(cfg.method), "method")]
+        named = [k for k in leaves if k.split(".")[-1] in text and not k.endswith("_target_")]
+        # the option the message names first
+        key = min(named, key=lambda k: text.index(k.split(".")[-1])) if named else "method"
         raise ConfigError(
             f"invalid method settings: {key}: {cause} ({cfg.method._target_})"
         ) from err
