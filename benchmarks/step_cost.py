@@ -16,7 +16,9 @@ with the optimizer from ``module.configure_optimizers()`` (SGD, momentum 0.9, we
   crucial pairs ``layer1``..``layer4``;
 * ``jacobian_matching``, ``information_flow``: the two seed methods with their default
   options on the same four pairs (a configuration that this version of ``DistillationModule``
-  rejects is listed as skipped with the error it raised).
+  rejects is listed as skipped with the error it raised);
+* ``logits``, ``dkd``, ``dist``, ``dkd+ls``: the logit methods (Hinton's KD, decoupled KD,
+  DIST, DKD with logit standardization) at their defaults, no crucial layers.
 
 ``--precision bf16`` runs the forward part of every step (the teacher forward and
 ``training_step``) under ``torch.autocast(dtype=torch.bfloat16)``, the backward and the optimizer
@@ -118,6 +120,7 @@ class Config:
     method: str  # DistillationModule's method ("none" for student and floor)
     wrt: str | None = None  # derivative maps: "weight" or "activation"
     floor: bool = False  # add a teacher forward under no_grad
+    options: tuple[tuple[str, Any], ...] = ()  # further method options
 
 
 CONFIGS: dict[str, Config] = {
@@ -132,6 +135,10 @@ CONFIGS: dict[str, Config] = {
         Config("hessian-activation", "hessian", "activation"),
         Config("jacobian_matching", "jacobian_matching"),
         Config("information_flow", "information_flow"),
+        Config("logits", "logits"),
+        Config("dkd", "dkd"),
+        Config("dist", "dist"),
+        Config("dkd+ls", "dkd", options=(("standardize", True),)),
     )
 }
 
@@ -198,7 +205,9 @@ def build_step(
         kwargs: dict[str, Any] = {"layers": LAYERS, "num_classes": NUM_CLASSES}
         try:  # may be a method this version lacks
             options: dict[str, Any] = {"wrt": config.wrt} if config.wrt is not None else {}
-            kwargs["method"] = method_class(config.method)(**options)
+            kwargs["method"] = method_class(config.method)(**options, **dict(config.options))
+            if not kwargs["method"].uses_layers:  # the logit methods: no crucial layers
+                kwargs["layers"] = []
             module = DistillationModule(teacher, student, **kwargs)
         except ValueError as err:
             raise Skipped(f"DistillationModule(method={config.method!r}): {err}") from err
