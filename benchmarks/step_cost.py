@@ -118,6 +118,14 @@ class Config:
     method: str  # DistillationModule's method ("none" for student and floor)
     wrt: str | None = None  # derivative maps: "weight" or "activation"
     floor: bool = False  # add a teacher forward under no_grad
+    #: the crucial pairs by stage number (1 -> ``layer1``); ``None``: all four (``LAYERS``)
+    stages: tuple[int, ...] | None = None
+    #: further constructor options of the method
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def layers(self) -> list[tuple[str, str]]:
+        return LAYERS if self.stages is None else [LAYERS[i - 1] for i in self.stages]
 
 
 CONFIGS: dict[str, Config] = {
@@ -131,6 +139,13 @@ CONFIGS: dict[str, Config] = {
         Config("hessian-weight", "hessian", "weight"),
         Config("hessian-activation", "hessian", "activation"),
         Config("jacobian_matching", "jacobian_matching"),
+        # Jacobian matching's terms (issue 28): eq. 10 on the output alone, the output plus one
+        # crucial layer's attention pixel, and (``jacobian_matching``) the output plus all four
+        Config("jacobian_matching/output", "jacobian_matching", stages=()),
+        *(
+            Config(f"jacobian_matching/layer{i}", "jacobian_matching", stages=(i,))
+            for i in range(1, 5)
+        ),
         Config("information_flow", "information_flow"),
     )
 }
@@ -195,9 +210,10 @@ def build_step(
     if config.method == "none":
         module = DistillationModule(None, student, method="none", num_classes=NUM_CLASSES)
     else:
-        kwargs: dict[str, Any] = {"layers": LAYERS, "num_classes": NUM_CLASSES}
+        kwargs: dict[str, Any] = {"layers": config.layers, "num_classes": NUM_CLASSES}
         try:  # may be a method this version lacks
             options: dict[str, Any] = {"wrt": config.wrt} if config.wrt is not None else {}
+            options.update(config.options)
             kwargs["method"] = method_class(config.method)(**options)
             module = DistillationModule(teacher, student, **kwargs)
         except ValueError as err:
