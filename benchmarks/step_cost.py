@@ -27,6 +27,9 @@ own copy of the same initial networks; after ``--warmup`` steps each, ``--repeat
 one step of every configuration (the order rotates each round), so a change in machine load
 hits every configuration alike. Each step is timed with ``time.perf_counter`` (after
 ``torch.cuda.synchronize`` on CUDA); the table gives the median and the interquartile range.
+On a machine that others load, ``--clock cpu`` times each step by the process's CPU time
+(``time.process_time``, core-seconds; with ``--threads 1`` a step's work on one core), which
+other processes do not inflate the way they inflate wall time.
 
 Aten ops per step (``--ops profile``, the default; ``--ops none`` skips it): after the warm-up,
 ``--ops-steps`` further steps of every configuration run one at a time under
@@ -245,13 +248,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], device: torch.device) -> float:
-    """Seconds taken by ``fn()``, device work included."""
+#: ``--clock``: wall time, or this process's CPU time (core-seconds: on a shared machine, what a
+#: step costs whatever else competes for the cores; CPU only)
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed(fn: Callable[[], Any], device: torch.device, clock: str = "wall") -> float:
+    """Seconds taken by ``fn()``, device work included, on ``clock``."""
+    now = CLOCKS[clock]
     synchronize(device)
-    start = time.perf_counter()
+    start = now()
     fn()
     synchronize(device)
-    return time.perf_counter() - start
+    return now() - start
 
 
 def _has_aten_ancestor(event: Any) -> bool:
@@ -326,7 +335,7 @@ def time_cell(
         gc.collect()
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            seconds[name].append(timed(steps[name], device))
+            seconds[name].append(timed(steps[name], device, args.clock))
         print(f"  {pair} b{batch_size}: round {r + 1}/{args.repeats}", file=sys.stderr)
     del steps
     gc.collect()
@@ -610,7 +619,12 @@ def markdown(result: dict[str, Any]) -> str:
         + f"; torch {info['torch']}; {info['torch_threads']} thread(s); "
         f"{info['cpu_count']} CPUs; load average at start {info['load_average_start']}",
         f"- {settings['repeats']} timed rounds after {settings['warmup']} warm-up steps per "
-        "configuration, interleaved; median and interquartile range of single steps",
+        "configuration, interleaved; median and interquartile range of single steps; clock: "
+        + (
+            "the process's CPU time (time.process_time)"
+            if settings.get("clock") == "cpu"
+            else "wall time"
+        ),
         f"- precision: {settings.get('precision', '32')}"
         + (
             " (forward under torch.autocast, bfloat16)"
@@ -718,6 +732,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--clock",
+        choices=list(CLOCKS),
+        default="wall",
+        help="cpu: time each step by the process's CPU time (a loaded machine; CPU only)",
+    )
+    parser.add_argument(
         "--precision",
         choices=["32", "bf16"],
         default="32",
@@ -745,6 +765,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--repeats and --ops-steps must be >= 1 and --warmup >= 0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
+    if args.clock == "cpu" and not args.device.startswith("cpu"):
+        parser.error("--clock cpu times CPU work only; use --clock wall with --device cuda")
     return args
 
 
