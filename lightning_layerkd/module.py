@@ -15,8 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_layerkd.data.base import first_batch, split_batch
-from lightning_layerkd.functional.maps import TASKS, Task
+from lightning_layerkd._common import TASKS, Task, check_choice
 from lightning_layerkd.guards import (
     check_finite_loss,
     check_layer_weights,
@@ -25,16 +24,15 @@ from lightning_layerkd.guards import (
 from lightning_layerkd.layers.discovery import format_candidates, trace_feature_maps
 from lightning_layerkd.layers.hooks import CrucialLayerError, FeatureHooks
 from lightning_layerkd.layers.specs import (
-    BASE_GROUP,
     LayerSpec,
     check_layer_pairs,
-    crucial_param_groups,
     normalise_layers,
     resolve_module,
 )
 from lightning_layerkd.methods import DistillationMethod, MapMethod, MethodOutput, Networks
-from lightning_layerkd.methods.base import build_method, check_choice
+from lightning_layerkd.methods.base import build_method
 from lightning_layerkd.metrics import LayerMeans, task_loss, task_metrics
+from lightning_layerkd.param_groups import BASE_GROUP, crucial_param_groups
 
 __all__ = ["BASE_GROUP", "DistillationModule", "LayerSpec"]
 
@@ -44,6 +42,31 @@ SchedulerFactory = Callable[[Optimizer], Any]
 _DEFAULT_OPTIMIZER: OptimizerFactory = partial(
     torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4
 )
+
+
+def split_batch(batch: Any) -> tuple[Tensor, Tensor]:
+    """``(inputs, targets)`` from a tuple or list batch; other layouts are an error that says
+    how to support them."""
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise TypeError(
+        "DistillationModule expects batches (inputs, targets) as a tuple or list, got "
+        f"{type(batch).__name__}; override unpack_batch() for other layouts"
+    )
+
+
+def first_batch(trainer: Any, stage: str) -> Any:
+    """The first batch of the train (``stage="fit"``) or validation dataloader the trainer
+    will use, for discovering crucial layers before the optimizer exists; ``None`` if none."""
+    datamodule: Any = getattr(trainer, "datamodule", None)
+    if datamodule is not None:
+        loader = datamodule.train_dataloader() if stage == "fit" else datamodule.val_dataloader()
+    else:
+        loop: Any = trainer.fit_loop if stage == "fit" else trainer.validate_loop
+        loader = loop._data_source.dataloader()
+    if isinstance(loader, (list, tuple)):
+        loader = loader[0] if loader else None
+    return None if loader is None else next(iter(loader))
 
 
 class DistillationModule(LightningModule):

@@ -10,7 +10,7 @@ validation and test loaders do not shuffle. Nothing here downloads unless asked 
 (``download=True`` on the CIFAR modules).
 """
 
-from lightning_layerkd.functional.maps import Task
+from lightning_layerkd._common import Task
 
 from .array_files import ARRAY_FILES, ARRAY_KEYS
 from .arrays import ArrayImageDataset, ArraysDataModule

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from lightning_layerkd._common import check_choice
 from lightning_layerkd.functional.jacobian_matching import (
     activation_matching_loss,
     jacobian_matching_loss,
@@ -15,7 +16,6 @@ from lightning_layerkd.methods.base import (
     DistillationMethod,
     MethodOutput,
     Networks,
-    check_choice,
     register_method,
 )
 
