@@ -16,7 +16,10 @@ with the optimizer from ``module.configure_optimizers()`` (SGD, momentum 0.9, we
   crucial pairs ``layer1``..``layer4``;
 * ``jacobian_matching``, ``information_flow``: the two seed methods with their default
   options on the same four pairs (a configuration that this version of ``DistillationModule``
-  rejects is listed as skipped with the error it raised).
+  rejects is listed as skipped with the error it raised);
+* ``jacobian_matching/output`` (eq. 10 on the output alone, no crucial layers) and
+  ``jacobian_matching/layer1`` .. ``layer4`` (the output plus that one layer): the terms of
+  Jacobian matching, each with its own step cost.
 
 ``--precision bf16`` runs the forward part of every step (the teacher forward and
 ``training_step``) under ``torch.autocast(dtype=torch.bfloat16)``, the backward and the optimizer
