@@ -19,7 +19,9 @@ with the optimizer from ``module.configure_optimizers()`` (SGD, momentum 0.9, we
   rejects is listed as skipped with the error it raised);
 * ``jacobian_matching/output`` (eq. 10 on the output alone, no crucial layers) and
   ``jacobian_matching/layer1`` .. ``layer4`` (the output plus that one layer): the terms of
-  Jacobian matching, each with its own step cost.
+  Jacobian matching, each with its own step cost;
+* ``logits``, ``dkd``, ``dist``, ``dkd+ls``: the logit methods (Hinton's KD, decoupled KD,
+  DIST, DKD with logit standardization) at their defaults, no crucial layers.
 
 ``--precision bf16`` runs the forward part of every step (the teacher forward and
 ``training_step``) under ``torch.autocast(dtype=torch.bfloat16)``, the backward and the optimizer
@@ -124,10 +126,9 @@ class Config:
     method: str  # DistillationModule's method ("none" for student and floor)
     wrt: str | None = None  # derivative maps: "weight" or "activation"
     floor: bool = False  # add a teacher forward under no_grad
+    options: tuple[tuple[str, Any], ...] = ()  # further method options
     #: the crucial pairs by stage number (1 -> ``layer1``); ``None``: all four (``LAYERS``)
     stages: tuple[int, ...] | None = None
-    #: further constructor options of the method
-    options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def layers(self) -> list[tuple[str, str]]:
@@ -153,6 +154,10 @@ CONFIGS: dict[str, Config] = {
             for i in range(1, 5)
         ),
         Config("information_flow", "information_flow"),
+        Config("logits", "logits"),
+        Config("dkd", "dkd"),
+        Config("dist", "dist"),
+        Config("dkd+ls", "dkd", options=(("standardize", True),)),
     )
 }
 
@@ -219,8 +224,9 @@ def build_step(
         kwargs: dict[str, Any] = {"layers": config.layers, "num_classes": NUM_CLASSES}
         try:  # may be a method this version lacks
             options: dict[str, Any] = {"wrt": config.wrt} if config.wrt is not None else {}
-            options.update(config.options)
-            kwargs["method"] = method_class(config.method)(**options)
+            kwargs["method"] = method_class(config.method)(**options, **dict(config.options))
+            if not kwargs["method"].uses_layers:  # the logit methods: no crucial layers
+                kwargs["layers"] = []
             module = DistillationModule(teacher, student, **kwargs)
         except ValueError as err:
             raise Skipped(f"DistillationModule(method={config.method!r}): {err}") from err

@@ -10,8 +10,14 @@ name                      class                           paper
 ``"jacobian_matching"``   :class:`JacobianMatching`       Srinivas & Fleuret 2018, eq. 10
 ``"information_flow"``    :class:`InformationFlow`        Passalis et al. 2020, eqs. 7, 9, 10
 ``"logits"``              :class:`LogitDistillation`      Hinton et al. 2015
+``"dkd"``                 :class:`DecoupledKD`            Zhao et al. 2022, eqs. 1-8
+``"dist"``                :class:`DIST`                   Huang et al. 2022
 ``"none"``                :class:`StudentOnly`            the student alone
 ========================  ==============================  =========================================
+
+Every method adds a logit loss to its own terms with ``logit_loss``: :class:`KDLoss` (Hinton et
+al.; also what ``logit_weight`` builds), :class:`DKDLoss` or :class:`DISTLoss`, each with
+``standardize`` (logit standardization, Sun et al. 2024).
 """
 
 # The registration order, which method lists and reports follow, is the table's.
@@ -28,21 +34,35 @@ from lightning_layerkd.methods.base import (
 from lightning_layerkd.methods.maps import AttentionMaps, HessianMaps, JacobianMaps, MapMethod
 from lightning_layerkd.methods.jacobian_matching import JacobianMatching
 from lightning_layerkd.methods.information_flow import InformationFlow
-from lightning_layerkd.methods.logits import LogitDistillation, StudentOnly
+from lightning_layerkd.methods.logit_losses import DISTLoss, DKDLoss, KDLoss, LogitLoss
+from lightning_layerkd.methods.logits import (
+    DIST,
+    DecoupledKD,
+    LogitDistillation,
+    OutputMethod,
+    StudentOnly,
+)
 
 # isort: on
 
 __all__ = [
+    "DIST",
     "AttentionMaps",
+    "DISTLoss",
+    "DKDLoss",
+    "DecoupledKD",
     "DistillationMethod",
     "HessianMaps",
     "InformationFlow",
     "JacobianMaps",
     "JacobianMatching",
+    "KDLoss",
     "LogitDistillation",
+    "LogitLoss",
     "MapMethod",
     "MethodOutput",
     "Networks",
+    "OutputMethod",
     "StudentOnly",
     "build_method",
     "method_class",
