@@ -95,8 +95,18 @@ def _configs() -> dict[str, dict[str, Any]]:
     configs: dict[str, dict[str, Any]] = {
         "student": {"method": "none"},
         "logits": {"method": "logits", "logit_weight": LOGIT_WEIGHT},
-        "jacobian_matching": {"method": "jacobian_matching"},
+        "jacobian_matching": {"method": "jacobian_matching"},  # the output and layer1..layer4
         "information_flow": {"method": "information_flow", "auxiliary": True},
+        # which of Jacobian matching's terms carry its gain (issue 28): eq. 10 on the output
+        # alone, and the output plus one crucial layer's attention pixel (section 6.3.2)
+        "jacobian_matching/output": {"method": "jacobian_matching", "layers": []},
+        **{
+            f"jacobian_matching/layer{i}": {
+                "method": "jacobian_matching",
+                "layers": [(f"layer{i}", f"layer{i}")],
+            }
+            for i in range(1, 5)
+        },
         # the logit methods of the CIFAR-100 tables, at their papers' defaults (design.md 10)
         "dkd": {"method": "dkd", "warmup_epochs": DKD_WARMUP},
         "dist": {"method": "dist"},
@@ -121,7 +131,7 @@ def _configs() -> dict[str, dict[str, Any]]:
 
 
 CONFIGS = _configs()
-_NOT_OPTIONS = ("method", "callback", "fixed")
+_NOT_OPTIONS = ("method", "callback", "fixed", "layers")
 
 
 class FixedFactors(Callback):
@@ -229,7 +239,7 @@ def run_one(args: argparse.Namespace, name: str, lr: float, seed: int) -> dict[s
         teacher = auxiliary.requires_grad_(False)
         seed_everything(seed, workers=True)
     student = resnet(10, num_classes=regime.num_classes, width=8)
-    distiller = module(teacher, student, method)
+    distiller = module(teacher, student, method, config.get("layers", "auto"))
     callbacks: list[Callback] = []
     if "callback" in config:
         callbacks.append(

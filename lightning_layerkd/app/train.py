@@ -130,7 +130,7 @@ def _run(cfg: DictConfig, root: Path) -> dict[str, Any]:
     teacher, student = _model(cfg.model.teacher, datamodule), _model(cfg.model.student, datamodule)
     example = next(iter(datamodule.train_dataloader()))[0]
     auxiliary = _auxiliary_model(cfg, datamodule) if getattr(method, "auxiliary", False) else None
-    layers: Any = layer_spec(cfg.layers)
+    layers: Any = layer_spec(cfg.layers, allow_empty=method.allows_no_layers)
     if method.uses_layers:  # bad layer paths fail here, before any training
         source = auxiliary if auxiliary is not None else teacher
         layers = check_layers(method, source, student, layers, example, cfg.num_crucial_layers)

@@ -19,7 +19,7 @@ from lightning_layerkd.app.report import main as report_main
 from lightning_layerkd.app.runs import run_dir_lock
 from lightning_layerkd.app.train import ConfigError, run
 from lightning_layerkd.guards import NonFiniteLossError
-from tests.helpers.app import TINY, config
+from tests.helpers.app import TINY, TINY_ANY_METHOD, config
 from tests.helpers.coco import make_coco_fixture
 
 
@@ -38,6 +38,21 @@ def test_config_mistakes_name_the_key_and_the_fix(override, message, tmp_path, c
     with pytest.raises(ConfigError, match=message):
         run(config(*TINY, override), tmp_path)
     assert list(cache.rglob("*.pt")) == []
+
+
+def test_an_empty_layer_list_is_for_methods_that_allow_it():
+    """layers=[] is Jacobian matching's output term alone; a map method needs a layer."""
+    from lightning_layerkd.app.checks import check_config
+
+    check_config(config(*TINY_ANY_METHOD, "method=jacobian_matching", "layers=[]"))
+    with pytest.raises(ConfigError, match=r"layers=\[\] is not a layer list \(layers is empty"):
+        check_config(config(*TINY, "layers=[]"))
+
+
+def test_jacobian_matching_on_the_output_alone_runs(tmp_path, shared_cache):
+    results = run(config(*TINY_ANY_METHOD, "method=jacobian_matching", "layers=[]"), tmp_path)
+    assert results["layer_pairs"] == []
+    assert results["student"]["val_acc"] is not None
 
 
 def test_a_list_of_paths_pairs_each_with_itself(tmp_path, shared_cache):
