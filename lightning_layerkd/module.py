@@ -22,7 +22,7 @@ from lightning_layerkd.guards import (
     check_layer_weights,
     check_networks,
 )
-from lightning_layerkd.layers.discovery import format_candidates, trace_feature_maps
+from lightning_layerkd.layers.discovery import eval_mode, format_candidates, trace_feature_maps
 from lightning_layerkd.layers.hooks import CrucialLayerError, FeatureHooks
 from lightning_layerkd.layers.specs import (
     BASE_GROUP,
@@ -32,7 +32,13 @@ from lightning_layerkd.layers.specs import (
     normalise_layers,
     resolve_module,
 )
-from lightning_layerkd.methods import DistillationMethod, MapMethod, MethodOutput, Networks
+from lightning_layerkd.methods import (
+    DistillationMethod,
+    LearntParts,
+    MapMethod,
+    MethodOutput,
+    Networks,
+)
 from lightning_layerkd.methods.base import build_method, check_choice
 from lightning_layerkd.metrics import LayerMeans, task_loss, task_metrics
 
@@ -142,6 +148,9 @@ class DistillationModule(LightningModule):
             self.layer_pairs = normalise_layers(layers, allow_empty=self.method.allows_no_layers)
         self._student_hooks: FeatureHooks | None = None
         self._teacher_hooks: FeatureHooks | None = None
+        #: the method's learnt parts (:meth:`DistillationMethod.build_parts`), once built
+        self.method_parts: LearntParts | None = None
+        self._part_shapes: tuple[list[tuple[int, ...]], list[tuple[int, ...]]] | None = None
 
         self.val_metrics = task_metrics(task, num_classes).clone(prefix="val/")
         self.val_jsd = LayerMeans()
@@ -189,7 +198,36 @@ class DistillationModule(LightningModule):
             self._teacher_hooks = self._make_hooks(self.teacher, 1, x, "teacher")
             for name in self.layer_names:  # created before fit moves the module to its device
                 self.val_jsd.metric(name)
+        if self.method.has_parts and self.method_parts is None:
+            self._build_parts(x)
         return list(self.layer_pairs)
+
+    def _build_parts(self, x: Tensor | None) -> None:
+        """Build the method's learnt parts from the hooked layers' output shapes on two samples
+        of ``x`` (both networks in eval mode, no graph)."""
+        if x is None:
+            raise ValueError(
+                f"{type(self.method).__name__} sizes its learnt parts from the crucial layers' "
+                "outputs: pass example_input=..., or fit with a train dataloader"
+            )
+        shapes = []
+        for model, hooks in (
+            (self.student, self._student_hooks),
+            (self.teacher, self._teacher_hooks),
+        ):
+            assert model is not None and hooks is not None
+            with torch.no_grad(), eval_mode(model), hooks.record() as recording:
+                model(x[:2])
+            shapes.append([tuple(f.shape[1:]) for f in hooks.outputs(recording)])
+        self._make_parts(shapes[0], shapes[1], x.device)
+
+    def _make_parts(
+        self, student: list[tuple[int, ...]], teacher: list[tuple[int, ...]], device: torch.device
+    ) -> None:
+        parts = self.method.build_parts(student, teacher)
+        if parts is not None:
+            self.method_parts = parts.to(device)
+            self._part_shapes = (student, teacher)
 
     def _make_hooks(
         self, model: nn.Module | None, side: int, x: Tensor | None, role: str
@@ -214,7 +252,8 @@ class DistillationModule(LightningModule):
         if stage not in ("fit", "validate"):  # test/predict need only the student
             return
         x = self.example_input
-        if x is None and (self.layer_pairs is None or self.method.inspects_pairs):
+        needs_batch = self.method.inspects_pairs or self.method.has_parts
+        if x is None and (self.layer_pairs is None or needs_batch):
             x = self._example_from_data(stage)
         self.resolve_layers(x)
 
@@ -285,8 +324,8 @@ class DistillationModule(LightningModule):
         epoch = self.current_epoch if self._trainer is not None else 0
         hooks = (self._student_hooks, self._teacher_hooks)
         names = tuple(self.layer_names)
-        weights = self.layer_loss_weights
-        return Networks(self.student, self.teacher, *hooks, names, self.task, epoch, weights)
+        weights, parts = self.layer_loss_weights, self.method_parts
+        return Networks(self.student, self.teacher, *hooks, names, self.task, epoch, weights, parts)
 
     def set_layer_loss_weights(self, weights: dict[str, float]) -> None:
         """Weight each crucial layer's term of the layer loss: ``lambda * sum_j w_j mean_i
@@ -378,14 +417,31 @@ class DistillationModule(LightningModule):
     def param_groups(self) -> list[dict[str, Any]]:
         """One param group per student crucial module (named by its path) plus ``"base"``;
         every trainable student parameter is in exactly one group (docs/design.md section 2)."""
-        if self.layer_pairs is None:
+        if self.layer_pairs is None or (self.method.has_parts and self.method_parts is None):
             self.resolve_layers(self.example_input)
-        return crucial_param_groups(self.student, self.layer_names)
+        groups = crucial_param_groups(self.student, self.layer_names)
+        if self.method_parts is not None:  # a layer's learnt parts learn at that layer's rate
+            by_name = {group["name"]: group for group in groups}
+            owners = [*self.layer_names, BASE_GROUP]
+            modules = [*self.method_parts.per_layer, self.method_parts.shared]
+            for name, part in zip(owners, modules, strict=True):
+                params = [p for p in part.parameters() if p.requires_grad]
+                if name not in by_name:
+                    by_name[name] = {"name": name, "params": []}
+                    groups.append(by_name[name])
+                by_name[name]["params"].extend(params)
+        return groups
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["layerkd_layer_pairs"] = self.layer_pairs
+        if self._part_shapes is not None:
+            checkpoint["layerkd_part_shapes"] = self._part_shapes
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        shapes = checkpoint.get("layerkd_part_shapes")
+        if shapes is not None and self.method_parts is None:  # e.g. load_from_checkpoint
+            student, teacher = ([tuple(s) for s in side] for side in shapes)
+            self._make_parts(student, teacher, self.device)
         saved = [tuple(pair) for pair in checkpoint.get("layerkd_layer_pairs") or []]
         if not saved:
             return

@@ -9,6 +9,8 @@ name                      class                           paper
 ``"hessian"``             :class:`HessianMaps`            Kokane et al. 2024, eq. 6
 ``"jacobian_matching"``   :class:`JacobianMatching`       Srinivas & Fleuret 2018, eq. 10
 ``"information_flow"``    :class:`InformationFlow`        Passalis et al. 2020, eqs. 7, 9, 10
+``"fitnet"``              :class:`FitNet`                 Romero et al. 2015, eq. 3
+``"attention_transfer"``  :class:`AttentionTransfer`      Zagoruyko & Komodakis 2017, eq. 2
 ``"logits"``              :class:`LogitDistillation`      Hinton et al. 2015
 ``"none"``                :class:`StudentOnly`            the student alone
 ========================  ==============================  =========================================
@@ -18,6 +20,7 @@ name                      class                           paper
 # isort: off
 from lightning_layerkd.methods.base import (
     DistillationMethod,
+    LearntParts,
     MethodOutput,
     Networks,
     build_method,
@@ -28,17 +31,24 @@ from lightning_layerkd.methods.base import (
 from lightning_layerkd.methods.maps import AttentionMaps, HessianMaps, JacobianMaps, MapMethod
 from lightning_layerkd.methods.jacobian_matching import JacobianMatching
 from lightning_layerkd.methods.information_flow import InformationFlow
+from lightning_layerkd.methods.features import FeatureMethod
+from lightning_layerkd.methods.fitnet import FitNet
+from lightning_layerkd.methods.attention_transfer import AttentionTransfer
 from lightning_layerkd.methods.logits import LogitDistillation, StudentOnly
 
 # isort: on
 
 __all__ = [
     "AttentionMaps",
+    "AttentionTransfer",
     "DistillationMethod",
+    "FeatureMethod",
+    "FitNet",
     "HessianMaps",
     "InformationFlow",
     "JacobianMaps",
     "JacobianMatching",
+    "LearntParts",
     "LogitDistillation",
     "MapMethod",
     "MethodOutput",

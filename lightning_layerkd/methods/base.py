@@ -65,6 +65,23 @@ class Networks:
     task: Task = "multiclass"
     epoch: int = 0
     layer_weights: Mapping[str, float] = field(default_factory=dict)
+    parts: LearntParts | None = None
+
+
+class LearntParts(nn.Module):
+    """A method's learnt parts (FitNet's regressors, ...), built by
+    :meth:`DistillationMethod.build_parts` and owned by the module: trained with the student,
+    moved with it and saved in its checkpoints (``method_parts.*``).
+
+    ``per_layer[j]`` belongs to crucial layer ``j`` (the layers' order): its parameters join
+    that layer's param group, so a layer-wise rate applies to them; ``shared`` parameters join
+    the ``base`` group.
+    """
+
+    def __init__(self, per_layer: Sequence[nn.Module], shared: nn.Module | None = None) -> None:
+        super().__init__()
+        self.per_layer = nn.ModuleList(per_layer)
+        self.shared = shared if shared is not None else nn.Module()
 
 
 class DistillationMethod:
@@ -77,7 +94,9 @@ class DistillationMethod:
     ``allows_no_layers`` (an empty layer list is valid), ``needs_autograd`` (derivatives
     of the inputs or features, so validation runs with autograd on) and
     ``supports_layer_weights`` (:meth:`compute` multiplies each layer's loss term by
-    ``nets.layer_weights[layer]``, which ``LayerwiseLRCallback(target="map_weight")`` sets).
+    ``nets.layer_weights[layer]``, which ``LayerwiseLRCallback(target="map_weight")`` sets) and
+    ``has_parts`` (:meth:`build_parts` builds learnt parts, which :meth:`compute` finds in
+    ``nets.parts``).
 
     Args:
         task_loss: add the task loss (cross-entropy, ``l_1`` of eq. 1) to the method's terms.
@@ -94,6 +113,7 @@ class DistillationMethod:
     allows_no_layers: ClassVar[bool] = False
     needs_autograd: ClassVar[bool] = False
     supports_layer_weights: ClassVar[bool] = False
+    has_parts: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -131,6 +151,14 @@ class DistillationMethod:
         """The module to hook for the crucial layer ``path`` of ``model``, with its path; the
         layer itself unless overridden (e.g. its conversion convolution)."""
         return path, module
+
+    def build_parts(
+        self, student_shapes: Sequence[tuple[int, ...]], teacher_shapes: Sequence[tuple[int, ...]]
+    ) -> LearntParts | None:
+        """The method's learnt parts for crucial layers whose hooked outputs have, per sample,
+        these shapes (the layers' order); ``None`` for a method without any. Called once the
+        layers are known, before the optimizer is built, and again from a checkpoint's shapes."""
+        return None
 
     @property
     def inspects_pairs(self) -> bool:
