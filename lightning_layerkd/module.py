@@ -226,7 +226,10 @@ class DistillationModule(LightningModule):
     ) -> None:
         parts = self.method.build_parts(student, teacher)
         if parts is not None:
-            self.method_parts = parts.to(device)
+            dtype = next(
+                (p.dtype for p in self.student.parameters() if p.is_floating_point()), None
+            )
+            self.method_parts = parts.to(device=device, dtype=dtype)
             self._part_shapes = (student, teacher)
 
     def _make_hooks(

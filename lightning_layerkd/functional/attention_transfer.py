@@ -12,13 +12,14 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_layerkd.functional.maps import attention_map, match_maps
+from lightning_layerkd.functional.maps import at_least_float32, feature_grid, match_maps
 
 
-def attention_transfer_vector(features: Tensor, p: float = 2.0, layer: str = "") -> Tensor:
-    """``Q / ||Q||_2`` with ``Q = vec(sum_c |A_c|^p)`` (Zagoruyko & Komodakis eqs. 1-2):
-    ``(B, H*W)``, float32, unit L2 norm per sample (an all-zero map stays zero)."""
-    return F.normalize(attention_map(features, p, layer).flatten(1), dim=1)
+def attention_sum(features: Tensor, p: float = 2.0, layer: str = "") -> Tensor:
+    """``F_sum^p(A) = sum_c |A_c|^p`` (Zagoruyko & Komodakis eq. 1 and section 3.1):
+    ``(B, H, W)``, float32 or wider (half precision is upcast)."""
+    grid = at_least_float32(feature_grid(features, layer))
+    return grid.square().sum(dim=1) if p == 2 else grid.abs().pow(p).sum(dim=1)
 
 
 def attention_transfer_divergence(
@@ -38,8 +39,8 @@ def attention_transfer_divergence(
     Returns:
         ``(B,)`` non-negative divergences, at most ``4 / (H W)``.
     """
-    if p <= 0:
+    if not p > 0:
         raise ValueError(f"p must be positive, got {p}")
-    a_s, a_t = match_maps(attention_map(student, p, layer), attention_map(teacher, p, layer))
+    a_s, a_t = match_maps(attention_sum(student, p, layer), attention_sum(teacher, p, layer))
     q_s, q_t = F.normalize(a_s, dim=1), F.normalize(a_t, dim=1)
     return (q_s - q_t).square().mean(dim=1)
