@@ -19,7 +19,7 @@ from lightning_layerkd.app.report import main as report_main
 from lightning_layerkd.app.runs import run_dir_lock
 from lightning_layerkd.app.train import ConfigError, run
 from lightning_layerkd.guards import NonFiniteLossError
-from tests.helpers.app import TINY, config
+from tests.helpers.app import TINY, TINY_ANY_METHOD, config
 
 
 @pytest.mark.parametrize(
@@ -388,3 +388,18 @@ def test_a_dataset_with_one_class_exits_2_naming_it(tmp_path, cache):
     assert out.returncode == 2, out.stderr[-2000:]
     assert "its labels hold 1 class; a classifier" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["method=attention_transfer", "method.beta=-1"], "beta must be non-negative"),
+        (["method=attention_transfer", "method.p=0"], "p must be positive"),
+        (["method=fitnet", "method.hint_weight=-2"], "method.hint_weight must be finite"),
+    ],
+)
+def test_feature_method_options_are_refused_by_name(overrides, message):
+    from lightning_layerkd.app.checks import check_config
+
+    with pytest.raises(ConfigError, match=message):
+        check_config(config(*TINY_ANY_METHOD, *overrides))
