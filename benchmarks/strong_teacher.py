@@ -90,6 +90,11 @@ def _configs() -> dict[str, dict[str, Any]]:
         "hessian-activation": {"method": "hessian", "wrt": "activation"},
         "hessian-weight": {"method": "hessian", "wrt": "weight"},
     }
+    features = {  # feature methods with per-layer terms (issue 30), their papers' weights
+        "fitnet": {"method": "fitnet"},
+        "attention_transfer": {"method": "attention_transfer"},
+    }
+    feature_schedules = ("constant", "relative-0.5", "map-weight-0.5")
     configs: dict[str, dict[str, Any]] = {
         "student": {"method": "none"},
         "logits": {"method": "logits", "logit_weight": LOGIT_WEIGHT},
@@ -99,6 +104,9 @@ def _configs() -> dict[str, dict[str, Any]]:
     for method, options in maps.items():
         for schedule, how in schedules.items():
             configs[f"{method}/{schedule}"] = {**options, **how}
+    for method, options in features.items():
+        for schedule in feature_schedules:
+            configs[f"{method}/{schedule}"] = {**options, **schedules[schedule]}
     return configs
 
 

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_layerkd.data.base import first_batch, split_batch
+from lightning_layerkd.data.base import batch_indices, first_batch, split_batch, train_set_size
 from lightning_layerkd.functional.maps import TASKS, Task
 from lightning_layerkd.guards import (
     check_finite_loss,
@@ -150,7 +150,9 @@ class DistillationModule(LightningModule):
         self._teacher_hooks: FeatureHooks | None = None
         #: the method's learnt parts (:meth:`DistillationMethod.build_parts`), once built
         self.method_parts: LearntParts | None = None
-        self._part_shapes: tuple[list[tuple[int, ...]], list[tuple[int, ...]]] | None = None
+        self._part_shapes: (
+            tuple[list[tuple[int, ...]], list[tuple[int, ...]], int | None] | None
+        ) = None
 
         self.val_metrics = task_metrics(task, num_classes).clone(prefix="val/")
         self.val_jsd = LayerMeans()
@@ -219,18 +221,25 @@ class DistillationModule(LightningModule):
             with torch.no_grad(), eval_mode(model), hooks.record() as recording:
                 model(x[:2])
             shapes.append([tuple(f.shape[1:]) for f in hooks.outputs(recording)])
-        self._make_parts(shapes[0], shapes[1], x.device)
+        num_samples = None
+        if self.method.needs_sample_indices and self._trainer is not None:
+            num_samples = train_set_size(self._trainer)
+        self._make_parts(shapes[0], shapes[1], x.device, num_samples)
 
     def _make_parts(
-        self, student: list[tuple[int, ...]], teacher: list[tuple[int, ...]], device: torch.device
+        self,
+        student: list[tuple[int, ...]],
+        teacher: list[tuple[int, ...]],
+        device: torch.device,
+        num_samples: int | None = None,
     ) -> None:
-        parts = self.method.build_parts(student, teacher)
+        parts = self.method.build_parts(student, teacher, num_samples)
         if parts is not None:
             dtype = next(
                 (p.dtype for p in self.student.parameters() if p.is_floating_point()), None
             )
             self.method_parts = parts.to(device=device, dtype=dtype)
-            self._part_shapes = (student, teacher)
+            self._part_shapes = (student, teacher, num_samples)
 
     def _make_hooks(
         self, model: nn.Module | None, side: int, x: Tensor | None, role: str
@@ -306,10 +315,13 @@ class DistillationModule(LightningModule):
         """``l_1`` of eq. 1 (:func:`~lightning_layerkd.metrics.task_loss`)."""
         return task_loss(logits, target, self.task)
 
-    def distillation_terms(self, x: Tensor, y: Tensor, *, create_graph: bool) -> MethodOutput:
+    def distillation_terms(
+        self, x: Tensor, y: Tensor, *, create_graph: bool, indices: Tensor | None = None
+    ) -> MethodOutput:
         """The method's output for one batch: student and teacher logits, per-layer
-        per-sample divergences and named loss terms (resolving the layers first if needed)."""
-        nets = self._networks(x)
+        per-sample divergences and named loss terms (resolving the layers first if needed);
+        ``indices``: the samples' indices in the training set, for methods that need them."""
+        nets = self._networks(x, indices)
         try:
             return self.method(nets, x, y, create_graph=create_graph)
         except CrucialLayerError as err:
@@ -321,14 +333,16 @@ class DistillationModule(LightningModule):
                 f"{format_candidates(trace_feature_maps(model, x[:2]))}"
             ) from err
 
-    def _networks(self, x: Tensor) -> Networks:
+    def _networks(self, x: Tensor, indices: Tensor | None = None) -> Networks:
         if self.method.uses_layers:
             self.resolve_layers(x)
         epoch = self.current_epoch if self._trainer is not None else 0
         hooks = (self._student_hooks, self._teacher_hooks)
         names = tuple(self.layer_names)
         weights, parts = self.layer_loss_weights, self.method_parts
-        return Networks(self.student, self.teacher, *hooks, names, self.task, epoch, weights, parts)
+        return Networks(
+            self.student, self.teacher, *hooks, names, self.task, epoch, weights, parts, indices
+        )
 
     def set_layer_loss_weights(self, weights: dict[str, float]) -> None:
         """Weight each crucial layer's term of the layer loss: ``lambda * sum_j w_j mean_i
@@ -366,7 +380,7 @@ class DistillationModule(LightningModule):
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         x, y = self.unpack_batch(batch)
-        out = self.distillation_terms(x, y, create_graph=True)
+        out = self.distillation_terms(x, y, create_graph=True, indices=batch_indices(batch))
         task_loss = self.task_loss(out.logits, y)
         task_weight = 1.0 if self.method.task_loss else 0.0
         loss = task_weight * task_loss + sum(out.losses.values(), x.new_zeros(()))
@@ -443,8 +457,8 @@ class DistillationModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         shapes = checkpoint.get("layerkd_part_shapes")
         if shapes is not None and self.method_parts is None:  # e.g. load_from_checkpoint
-            student, teacher = ([tuple(s) for s in side] for side in shapes)
-            self._make_parts(student, teacher, self.device)
+            student, teacher = ([tuple(s) for s in side] for side in shapes[:2])
+            self._make_parts(student, teacher, self.device, shapes[2] if len(shapes) > 2 else None)
         saved = [tuple(pair) for pair in checkpoint.get("layerkd_layer_pairs") or []]
         if not saved:
             return

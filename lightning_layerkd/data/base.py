@@ -140,6 +140,9 @@ class ImageDataModule(LightningDataModule):
         self.seed = seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        #: training batches carry each sample's index, ``(inputs, targets, indices)``
+        #: (:class:`IndexedDataset`), for methods with a memory bank of the training set (CRD)
+        self.sample_indices = False
         self._fingerprint: dict[str, Any] | None = None
 
     def data_fingerprint(self) -> dict[str, Any]:
@@ -170,6 +173,8 @@ class ImageDataModule(LightningDataModule):
             self.setup("fit")
             dataset = self.train_set if train else self.val_set
         assert dataset is not None
+        if train and self.sample_indices:
+            dataset = IndexedDataset(dataset)
         size = len(dataset)  # type: ignore[arg-type]
         return DataLoader(
             dataset,
@@ -223,6 +228,46 @@ class RandomCropFlip:
         if torch.rand((), generator=generator) < 0.5:
             image = image.flip(-1)
         return image.contiguous()
+
+
+class IndexedDataset(Dataset):
+    """``(*item, index)``: a dataset's items with each sample's index in it, what a method with
+    a memory bank of the training set needs (CRD)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        item = self.dataset[index]
+        return (*item, index) if isinstance(item, tuple) else (item, index)
+
+
+def batch_indices(batch: Any) -> Tensor | None:
+    """The samples' indices in the training set: the third entry of an ``(inputs, targets,
+    indices)`` batch (:class:`IndexedDataset`), else ``None``."""
+    if isinstance(batch, (list, tuple)) and len(batch) >= 3 and isinstance(batch[2], Tensor):
+        return batch[2]
+    return None
+
+
+def train_set_size(trainer: Any) -> int | None:
+    """The number of samples of the training set the trainer will use (all ranks together),
+    or ``None`` if its loader has no sized dataset."""
+    datamodule: Any = getattr(trainer, "datamodule", None)
+    if datamodule is not None:
+        loader = datamodule.train_dataloader()
+    else:
+        loader = trainer.fit_loop._data_source.dataloader()
+    if isinstance(loader, (list, tuple)):
+        loader = loader[0] if loader else None
+    dataset = getattr(loader, "dataset", None)
+    try:
+        return len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def split_batch(batch: Any) -> tuple[Tensor, Tensor]:

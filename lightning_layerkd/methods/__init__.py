@@ -11,6 +11,7 @@ name                      class                           paper
 ``"information_flow"``    :class:`InformationFlow`        Passalis et al. 2020, eqs. 7, 9, 10
 ``"fitnet"``              :class:`FitNet`                 Romero et al. 2015, eq. 3
 ``"attention_transfer"``  :class:`AttentionTransfer`      Zagoruyko & Komodakis 2017, eq. 2
+``"crd"``                 :class:`CRD`                    Tian et al. 2020, eqs. 18-19
 ``"logits"``              :class:`LogitDistillation`      Hinton et al. 2015
 ``"none"``                :class:`StudentOnly`            the student alone
 ========================  ==============================  =========================================
@@ -34,6 +35,7 @@ from lightning_layerkd.methods.information_flow import InformationFlow
 from lightning_layerkd.methods.features import FeatureMethod
 from lightning_layerkd.methods.fitnet import FitNet
 from lightning_layerkd.methods.attention_transfer import AttentionTransfer
+from lightning_layerkd.methods.crd import CRD
 from lightning_layerkd.methods.logits import LogitDistillation, StudentOnly
 
 # isort: on
@@ -41,6 +43,7 @@ from lightning_layerkd.methods.logits import LogitDistillation, StudentOnly
 __all__ = [
     "AttentionMaps",
     "AttentionTransfer",
+    "CRD",
     "DistillationMethod",
     "FeatureMethod",
     "FitNet",

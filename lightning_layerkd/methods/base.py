@@ -54,8 +54,10 @@ class MethodOutput(NamedTuple):
 @dataclass(frozen=True)
 class Networks:
     """What a method sees of the module for one batch: both networks, the forward hooks on
-    the modules it asked for, the crucial layers' names, the task, the epoch and each layer's
-    weight in the layer loss (absent: 1; see ``DistillationMethod.supports_layer_weights``)."""
+    the modules it asked for, the crucial layers' names, the task, the epoch, each layer's
+    weight in the layer loss (absent: 1; see ``DistillationMethod.supports_layer_weights``),
+    the method's learnt parts and the batch's sample indices in the training set (training
+    batches that carry them; see ``DistillationMethod.needs_sample_indices``)."""
 
     student: nn.Module
     teacher: nn.Module | None
@@ -66,6 +68,7 @@ class Networks:
     epoch: int = 0
     layer_weights: Mapping[str, float] = field(default_factory=dict)
     parts: LearntParts | None = None
+    indices: Tensor | None = None
 
 
 class LearntParts(nn.Module):
@@ -96,7 +99,8 @@ class DistillationMethod:
     ``supports_layer_weights`` (:meth:`compute` multiplies each layer's loss term by
     ``nets.layer_weights[layer]``, which ``LayerwiseLRCallback(target="map_weight")`` sets) and
     ``has_parts`` (:meth:`build_parts` builds learnt parts, which :meth:`compute` finds in
-    ``nets.parts``).
+    ``nets.parts``) and ``needs_sample_indices`` (training batches must carry each sample's
+    index in the training set, ``nets.indices``, and :meth:`build_parts` gets the set's size).
 
     Args:
         task_loss: add the task loss (cross-entropy, ``l_1`` of eq. 1) to the method's terms.
@@ -114,6 +118,7 @@ class DistillationMethod:
     needs_autograd: ClassVar[bool] = False
     supports_layer_weights: ClassVar[bool] = False
     has_parts: ClassVar[bool] = False
+    needs_sample_indices: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -153,11 +158,15 @@ class DistillationMethod:
         return path, module
 
     def build_parts(
-        self, student_shapes: Sequence[tuple[int, ...]], teacher_shapes: Sequence[tuple[int, ...]]
+        self,
+        student_shapes: Sequence[tuple[int, ...]],
+        teacher_shapes: Sequence[tuple[int, ...]],
+        num_samples: int | None = None,
     ) -> LearntParts | None:
         """The method's learnt parts for crucial layers whose hooked outputs have, per sample,
-        these shapes (the layers' order); ``None`` for a method without any. Called once the
-        layers are known, before the optimizer is built, and again from a checkpoint's shapes."""
+        these shapes (the layers' order); ``None`` for a method without any. ``num_samples``:
+        the training set's size, when the module knows it. Called once the layers are known,
+        before the optimizer is built, and again from a checkpoint's shapes."""
         return None
 
     @property

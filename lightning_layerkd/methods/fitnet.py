@@ -79,7 +79,10 @@ class FitNet(FeatureMethod):
         self.relu = bool(relu)
 
     def build_parts(
-        self, student_shapes: Sequence[tuple[int, ...]], teacher_shapes: Sequence[tuple[int, ...]]
+        self,
+        student_shapes: Sequence[tuple[int, ...]],
+        teacher_shapes: Sequence[tuple[int, ...]],
+        num_samples: int | None = None,
     ) -> LearntParts:
         """One :class:`HintRegressor` per crucial layer pair."""
         regressors = []

@@ -190,7 +190,7 @@ def test_logit_loss_is_logged_in_a_fit(tmp_path):
 
 # ---------------------------------------------------------------------- the registry
 def test_method_names_start_with_the_builtin_methods_in_table_order():
-    assert method_names()[:9] == [
+    assert method_names()[:10] == [
         "attention",
         "jacobian",
         "hessian",
@@ -198,6 +198,7 @@ def test_method_names_start_with_the_builtin_methods_in_table_order():
         "information_flow",
         "fitnet",
         "attention_transfer",
+        "crd",
         "logits",
         "none",
     ]
