@@ -257,13 +257,15 @@ def train_set_size(trainer: Any) -> int | None:
     """The number of samples of the training set the trainer will use (all ranks together),
     or ``None`` if its loader has no sized dataset."""
     datamodule: Any = getattr(trainer, "datamodule", None)
-    if datamodule is not None:
-        loader = datamodule.train_dataloader()
-    else:
-        loader = trainer.fit_loop._data_source.dataloader()
-    if isinstance(loader, (list, tuple)):
-        loader = loader[0] if loader else None
-    dataset = getattr(loader, "dataset", None)
+    dataset = getattr(datamodule, "train_set", None)  # an ImageDataModule after setup
+    if dataset is None:
+        if datamodule is not None:
+            loader = datamodule.train_dataloader()
+        else:
+            loader = trainer.fit_loop._data_source.dataloader()
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0] if loader else None
+        dataset = getattr(loader, "dataset", None)
     try:
         return len(dataset)  # type: ignore[arg-type]
     except TypeError:
