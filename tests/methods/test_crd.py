@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader
 
 from lightning_layerkd import DistillationModule, LayerwiseLRCallback
@@ -191,3 +192,59 @@ def test_the_bank_needs_the_training_set_size():
     )
     with pytest.raises(ValueError, match="CRD keeps a memory bank.*num_samples"):
         module.resolve_layers(torch.randn(2, 3, 8, 8))
+
+
+class SaveBanks(Callback):
+    """Writes each rank's banks and step at the end of training (spawned ranks do not return)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer: Trainer, pl_module: DistillationModule) -> None:  # type: ignore[override]
+        parts = pl_module.method_parts
+        assert parts is not None
+        torch.save(
+            {"banks": [p.bank.clone() for p in parts.per_layer], "step": int(parts.shared.step)},
+            self.out_dir / f"rank{trainer.global_rank}.pt",
+        )
+
+
+@pytest.mark.slow
+def test_ddp_ranks_update_every_row_and_keep_equal_banks(tmp_path: Path):
+    """Two CPU processes (gloo, spawn), each seeing half the samples: after one epoch both
+    banks hold every sample's update (the ranks gather their embeddings), and are equal."""
+    seed_everything(0)
+    module = DistillationModule(
+        make_tiny_cnn(8),
+        make_tiny_cnn(4),
+        method=CRD(dim=4, num_negatives=6),
+        layers=LAYERS,
+        num_classes=10,
+        optimizer=functools.partial(torch.optim.SGD, lr=LR, momentum=0.9),
+    )
+    initial = CRD(dim=4, num_negatives=6).build_parts(
+        [(4, 8, 8), (8, 4, 4)], [(8, 8, 8), (16, 4, 4)], 16
+    )
+    loader = DataLoader(IndexedDataset(make_random_dataset(16, 0)), batch_size=4)
+    trainer = Trainer(
+        max_epochs=1,
+        callbacks=[SaveBanks(tmp_path)],
+        **make_trainer_kwargs(
+            tmp_path,
+            strategy=DDPStrategy(process_group_backend="gloo", start_method="spawn"),
+            devices=2,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+        ),
+    )
+    trainer.fit(module, loader)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert ranks[0]["step"] == ranks[1]["step"] == 2  # 8 samples per rank, batches of 4
+    for j in range(2):
+        a, b = ranks[0]["banks"][j], ranks[1]["banks"][j]
+        assert a.shape == (16, 4)
+        assert torch.equal(a, b)
+        start = initial.per_layer[j].bank  # type: ignore[union-attr]
+        moved = (a - start).norm(dim=1)
+        assert (moved > 1e-6).all()  # every sample's row, seen by one rank or the other
+        np.testing.assert_allclose(a.norm(dim=1).numpy(), 1.0, rtol=1e-6)
