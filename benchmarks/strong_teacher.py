@@ -94,6 +94,7 @@ def _configs() -> dict[str, dict[str, Any]]:
         "fitnet": {"method": "fitnet"},
         "attention_transfer": {"method": "attention_transfer"},
         "crd": {"method": "crd"},
+        "review_kd": {"method": "review_kd"},
     }
     feature_schedules = ("constant", "relative-0.5", "map-weight-0.5")
     configs: dict[str, dict[str, Any]] = {

@@ -12,6 +12,7 @@ name                      class                           paper
 ``"fitnet"``              :class:`FitNet`                 Romero et al. 2015, eq. 3
 ``"attention_transfer"``  :class:`AttentionTransfer`      Zagoruyko & Komodakis 2017, eq. 2
 ``"crd"``                 :class:`CRD`                    Tian et al. 2020, eqs. 18-19
+``"review_kd"``           :class:`ReviewKD`               Chen et al. 2021, ABF and HCL
 ``"logits"``              :class:`LogitDistillation`      Hinton et al. 2015
 ``"none"``                :class:`StudentOnly`            the student alone
 ========================  ==============================  =========================================
@@ -36,6 +37,7 @@ from lightning_layerkd.methods.features import FeatureMethod
 from lightning_layerkd.methods.fitnet import FitNet
 from lightning_layerkd.methods.attention_transfer import AttentionTransfer
 from lightning_layerkd.methods.crd import CRD
+from lightning_layerkd.methods.review_kd import ReviewKD
 from lightning_layerkd.methods.logits import LogitDistillation, StudentOnly
 
 # isort: on
@@ -55,6 +57,7 @@ __all__ = [
     "LogitDistillation",
     "MapMethod",
     "MethodOutput",
+    "ReviewKD",
     "Networks",
     "StudentOnly",
     "build_method",

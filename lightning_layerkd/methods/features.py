@@ -55,6 +55,14 @@ class FeatureMethod(DistillationMethod):
         student's features (in the graph) and the teacher's (constants)."""
         raise NotImplementedError(f"{type(self).__name__} must implement pair_divergence()")
 
+    def pair_divergences(
+        self, student: list[Tensor], teacher: list[Tensor], nets: Networks
+    ) -> list[Tensor]:
+        """Every pair's ``(B,)`` divergence, in the layers' order: :meth:`pair_divergence` pair
+        by pair unless a method relates the pairs (ReviewKD's fusion)."""
+        pairs = zip(nets.layer_names, student, teacher, strict=True)
+        return [self.pair_divergence(j, name, s, t, nets) for j, (name, s, t) in enumerate(pairs)]
+
     def compute(self, nets: Networks, x: Tensor, y: Tensor, *, create_graph: bool) -> MethodOutput:
         assert nets.teacher is not None and nets.teacher_hooks and nets.student_hooks
         with torch.no_grad():
@@ -62,9 +70,8 @@ class FeatureMethod(DistillationMethod):
         logits, s_feats = forward_recording(nets.student, nets.student_hooks, x)
         divergences: dict[str, Tensor] = {}
         loss = x.new_zeros((), dtype=torch.float32)
-        features = zip(nets.layer_names, s_feats, t_feats, strict=True)
-        for index, (name, s, t) in enumerate(features):
-            d = self.pair_divergence(index, name, s, t, nets)
+        found = self.pair_divergences(s_feats, t_feats, nets)
+        for name, d in zip(nets.layer_names, found, strict=True):
             divergences[name] = d
             loss = loss + nets.layer_weights.get(name, 1.0) * d.mean()
         return MethodOutput(

@@ -179,6 +179,7 @@ def test_experiment_presets_carry_the_paper_settings(option):
         "fitnet",
         "attention_transfer",
         "crd",
+        "review_kd",
     ],
 )
 @pytest.mark.parametrize("schedule", ["none", "multistep", "layerwise"])
@@ -219,7 +220,8 @@ def test_digits_run_writes_results(method, schedule, tmp_path, shared_cache):
     assert "crucial layers" in format_result(results)
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
     # the method names its divergence; the metric keys and the report follow it
-    names = {"information_flow": "pkt", "fitnet": "hint", "attention_transfer": "at", "crd": "crd"}
+    names = {"information_flow": "pkt", "fitnet": "hint", "attention_transfer": "at"}
+    names.update(crd="crd", review_kd="hcl")
     name = {"jacobian_matching": "jacobian_matching", **names}.get(method, "jsd")
     assert written["divergence_name"] == name
     assert f"val/{name}/layer1" in written["student"]["history"][-1]

@@ -190,7 +190,7 @@ def test_logit_loss_is_logged_in_a_fit(tmp_path):
 
 # ---------------------------------------------------------------------- the registry
 def test_method_names_start_with_the_builtin_methods_in_table_order():
-    assert method_names()[:10] == [
+    assert method_names()[:11] == [
         "attention",
         "jacobian",
         "hessian",
@@ -199,6 +199,7 @@ def test_method_names_start_with_the_builtin_methods_in_table_order():
         "fitnet",
         "attention_transfer",
         "crd",
+        "review_kd",
         "logits",
         "none",
     ]
