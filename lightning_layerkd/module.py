@@ -22,7 +22,7 @@ from lightning_layerkd.guards import (
     check_layer_weights,
     check_networks,
 )
-from lightning_layerkd.layers.discovery import eval_mode, format_candidates, trace_feature_maps
+from lightning_layerkd.layers.discovery import format_candidates, trace_feature_maps
 from lightning_layerkd.layers.hooks import CrucialLayerError, FeatureHooks
 from lightning_layerkd.layers.specs import (
     BASE_GROUP,
@@ -40,6 +40,7 @@ from lightning_layerkd.methods import (
     Networks,
 )
 from lightning_layerkd.methods.base import build_method, check_choice
+from lightning_layerkd.methods.parts import Shapes, hooked_shapes, with_parts
 from lightning_layerkd.metrics import LayerMeans, task_loss, task_metrics
 
 __all__ = ["BASE_GROUP", "DistillationModule", "LayerSpec"]
@@ -205,41 +206,30 @@ class DistillationModule(LightningModule):
         return list(self.layer_pairs)
 
     def _build_parts(self, x: Tensor | None) -> None:
-        """Build the method's learnt parts from the hooked layers' output shapes on two samples
-        of ``x`` (both networks in eval mode, no graph)."""
+        """Build the method's learnt parts from the hooked layers' output shapes on ``x``."""
         if x is None:
             raise ValueError(
                 f"{type(self.method).__name__} sizes its learnt parts from the crucial layers' "
                 "outputs: pass example_input=..., or fit with a train dataloader"
             )
-        shapes = []
-        for model, hooks in (
-            (self.student, self._student_hooks),
-            (self.teacher, self._teacher_hooks),
-        ):
-            assert model is not None and hooks is not None
-            with torch.no_grad(), eval_mode(model), hooks.record() as recording:
-                model(x[:2])
-            shapes.append([tuple(f.shape[1:]) for f in hooks.outputs(recording)])
-        num_samples = None
+        assert self.teacher is not None and self._student_hooks and self._teacher_hooks
+        student = hooked_shapes(self.student, self._student_hooks, x)
+        teacher = hooked_shapes(self.teacher, self._teacher_hooks, x)
+        size = None
         if self.method.needs_sample_indices and self._trainer is not None:
-            num_samples = train_set_size(self._trainer)
-        self._make_parts(shapes[0], shapes[1], x.device, num_samples)
+            size = train_set_size(self._trainer)
+        self._make_parts(student, teacher, x.device, size)
 
     def _make_parts(
-        self,
-        student: list[tuple[int, ...]],
-        teacher: list[tuple[int, ...]],
-        device: torch.device,
-        num_samples: int | None = None,
+        self, student: Shapes, teacher: Shapes, device: torch.device, size: int | None = None
     ) -> None:
-        parts = self.method.build_parts(student, teacher, num_samples)
+        parts = self.method.build_parts(student, teacher, size)
         if parts is not None:
             dtype = next(
                 (p.dtype for p in self.student.parameters() if p.is_floating_point()), None
             )
             self.method_parts = parts.to(device=device, dtype=dtype)
-            self._part_shapes = (student, teacher, num_samples)
+            self._part_shapes = (student, teacher, size)
 
     def _make_hooks(
         self, model: nn.Module | None, side: int, x: Tensor | None, role: str
@@ -352,7 +342,8 @@ class DistillationModule(LightningModule):
             raise ValueError(
                 f"{type(self.method).__name__} has no per-layer loss terms to weight; "
                 "per-layer weights (LayerwiseLRCallback(target='map_weight')) work with the "
-                "map methods and InformationFlow; use target='lr'"
+                "map methods, InformationFlow and the feature methods (FitNet, AttentionTransfer, "
+                "CRD, ReviewKD); use target='lr'"
             )
         self.layer_loss_weights = check_layer_weights(weights, self.layer_names)
 
@@ -437,17 +428,9 @@ class DistillationModule(LightningModule):
         if self.layer_pairs is None or (self.method.has_parts and self.method_parts is None):
             self.resolve_layers(self.example_input)
         groups = crucial_param_groups(self.student, self.layer_names)
-        if self.method_parts is not None:  # a layer's learnt parts learn at that layer's rate
-            by_name = {group["name"]: group for group in groups}
-            owners = [*self.layer_names, BASE_GROUP]
-            modules = [*self.method_parts.per_layer, self.method_parts.shared]
-            for name, part in zip(owners, modules, strict=True):
-                params = [p for p in part.parameters() if p.requires_grad]
-                if name not in by_name:
-                    by_name[name] = {"name": name, "params": []}
-                    groups.append(by_name[name])
-                by_name[name]["params"].extend(params)
-        return groups
+        if self.method_parts is None:
+            return groups
+        return with_parts(groups, self.layer_names, self.method_parts)  # at the layer's rate
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["layerkd_layer_pairs"] = self.layer_pairs

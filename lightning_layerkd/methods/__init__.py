@@ -22,7 +22,6 @@ name                      class                           paper
 # isort: off
 from lightning_layerkd.methods.base import (
     DistillationMethod,
-    LearntParts,
     MethodOutput,
     Networks,
     build_method,
@@ -30,6 +29,7 @@ from lightning_layerkd.methods.base import (
     method_names,
     register_method,
 )
+from lightning_layerkd.methods.parts import LearntParts
 from lightning_layerkd.methods.maps import AttentionMaps, HessianMaps, JacobianMaps, MapMethod
 from lightning_layerkd.methods.jacobian_matching import JacobianMatching
 from lightning_layerkd.methods.information_flow import InformationFlow

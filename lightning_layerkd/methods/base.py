@@ -27,6 +27,7 @@ from lightning_layerkd.functional.divergence import logit_distillation_loss
 from lightning_layerkd.functional.maps import Task
 from lightning_layerkd.layers.discovery import find_crucial_layers
 from lightning_layerkd.layers.hooks import FeatureHooks
+from lightning_layerkd.methods.parts import LearntParts
 
 #: The name of the loss term that logit distillation adds (``train/logit_loss``).
 LOGIT_TERM = "logit_loss"
@@ -69,22 +70,6 @@ class Networks:
     layer_weights: Mapping[str, float] = field(default_factory=dict)
     parts: LearntParts | None = None
     indices: Tensor | None = None
-
-
-class LearntParts(nn.Module):
-    """A method's learnt parts (FitNet's regressors, ...), built by
-    :meth:`DistillationMethod.build_parts` and owned by the module: trained with the student,
-    moved with it and saved in its checkpoints (``method_parts.*``).
-
-    ``per_layer[j]`` belongs to crucial layer ``j`` (the layers' order): its parameters join
-    that layer's param group, so a layer-wise rate applies to them; ``shared`` parameters join
-    the ``base`` group.
-    """
-
-    def __init__(self, per_layer: Sequence[nn.Module], shared: nn.Module | None = None) -> None:
-        super().__init__()
-        self.per_layer = nn.ModuleList(per_layer)
-        self.shared = shared if shared is not None else nn.Module()
 
 
 class DistillationMethod:
