@@ -169,9 +169,11 @@ def test_the_layerwise_rule_scales_each_regressors_rate_with_its_layer(tmp_path:
         assert all(any(p is q for q in group["params"]) for p in regressor.parameters())
 
 
-def _fit(root: Path, epochs: int, ckpt_path: str | None = None) -> DistillationModule:
+def _fit(
+    root: Path, epochs: int, ckpt_path: str | None = None, method: str = "fitnet"
+) -> DistillationModule:
     seed_everything(0, workers=True)
-    module = distillation_module("fitnet")
+    module = distillation_module(method)
     trainer = Trainer(
         max_epochs=epochs,
         deterministic=True,
@@ -185,25 +187,31 @@ def _fit(root: Path, epochs: int, ckpt_path: str | None = None) -> DistillationM
     return module
 
 
-def test_resume_restores_the_regressors_and_ends_like_an_uninterrupted_run(tmp_path: Path):
-    straight = _fit(tmp_path / "straight", 3)
-    first = _fit(tmp_path / "resumed", 1)
+@pytest.mark.parametrize("method", ["fitnet", "review_kd"])
+def test_resume_restores_the_learnt_parts_and_ends_like_an_uninterrupted_run(
+    tmp_path: Path, method: str
+):
+    """FitNet's regressors; ReviewKD's fusion (batch-norm statistics included) likewise."""
+    straight = _fit(tmp_path / "straight", 3, method=method)
+    first = _fit(tmp_path / "resumed", 1, method=method)
     last = tmp_path / "resumed" / "ckpt" / "last.ckpt"
     saved = torch.load(last, weights_only=False)
     assert first.method_parts is not None
     for key, value in first.method_parts.state_dict().items():
         assert torch.equal(saved["state_dict"][f"method_parts.{key}"], value)
-    resumed = _fit(tmp_path / "resumed", 3, str(last))
+    resumed = _fit(tmp_path / "resumed", 3, str(last), method=method)
     assert resumed.layer_loss_weights == straight.layer_loss_weights != {}
     assert straight.method_parts is not None and resumed.method_parts is not None
-    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    s_state, r_state = straight.state_dict(), resumed.state_dict()
+    assert s_state.keys() == r_state.keys()
+    for key in s_state:  # parameters and buffers
+        torch.testing.assert_close(r_state[key], s_state[key], rtol=0, atol=0, msg=key)
     # load_from_checkpoint rebuilds the regressors from the saved shapes before loading them
     loaded = DistillationModule.load_from_checkpoint(
         last,
         teacher=distillation_module().teacher,
         student=distillation_module().student,
-        method="fitnet",
+        method=method,
         optimizer=functools.partial(torch.optim.SGD, lr=LR),
     )
     assert loaded.method_parts is not None
