@@ -35,9 +35,9 @@ from torch.utils.data import DataLoader
 
 from lightning_layerkd import DistillationModule, LayerwiseLRCallback
 from lightning_layerkd.data import ArrayImageDataset, IndexedDataset, RandomCropFlip
-from lightning_layerkd.layerwise_lr.rules import named_param_groups, scale_param_group
 from lightning_layerkd.methods import method_class
 from lightning_layerkd.models import resnet
+from lightning_layerkd.param_groups import named_param_groups, scale_param_group
 
 log = logging.getLogger("strong_teacher")
 INPUTS = Path(__file__).parent / "inputs"  # teachers copied here (ignored by git)

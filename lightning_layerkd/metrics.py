@@ -12,7 +12,7 @@ from torchmetrics.classification import (
     MultilabelAveragePrecision,
 )
 
-from lightning_layerkd.functional.maps import Task
+from lightning_layerkd._common import Task
 
 
 def task_loss(logits: Tensor, target: Tensor, task: Task = "multiclass") -> Tensor:

@@ -15,8 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_layerkd.data.base import batch_indices, first_batch, split_batch, train_set_size
-from lightning_layerkd.functional.maps import TASKS, Task
+from lightning_layerkd._common import TASKS, Task, check_choice
 from lightning_layerkd.guards import (
     check_finite_loss,
     check_layer_weights,
@@ -25,10 +24,8 @@ from lightning_layerkd.guards import (
 from lightning_layerkd.layers.discovery import format_candidates, trace_feature_maps
 from lightning_layerkd.layers.hooks import CrucialLayerError, FeatureHooks
 from lightning_layerkd.layers.specs import (
-    BASE_GROUP,
     LayerSpec,
     check_layer_pairs,
-    crucial_param_groups,
     normalise_layers,
     resolve_module,
 )
@@ -39,9 +36,10 @@ from lightning_layerkd.methods import (
     MethodOutput,
     Networks,
 )
-from lightning_layerkd.methods.base import build_method, check_choice
-from lightning_layerkd.methods.parts import Shapes, hooked_shapes, with_parts
+from lightning_layerkd.methods.base import build_method
+from lightning_layerkd.methods.parts import Shapes, hooked_shapes
 from lightning_layerkd.metrics import LayerMeans, task_loss, task_metrics
+from lightning_layerkd.param_groups import BASE_GROUP, add_to_param_groups, crucial_param_groups
 
 __all__ = ["BASE_GROUP", "DistillationModule", "LayerSpec"]
 
@@ -51,6 +49,58 @@ SchedulerFactory = Callable[[Optimizer], Any]
 _DEFAULT_OPTIMIZER: OptimizerFactory = partial(
     torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4
 )
+
+
+def split_batch(batch: Any) -> tuple[Tensor, Tensor]:
+    """``(inputs, targets)`` from a tuple or list batch; other layouts are an error that says
+    how to support them."""
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise TypeError(
+        "DistillationModule expects batches (inputs, targets) as a tuple or list, got "
+        f"{type(batch).__name__}; override unpack_batch() for other layouts"
+    )
+
+
+def first_batch(trainer: Any, stage: str) -> Any:
+    """The first batch of the train (``stage="fit"``) or validation dataloader the trainer
+    will use, for discovering crucial layers before the optimizer exists; ``None`` if none."""
+    datamodule: Any = getattr(trainer, "datamodule", None)
+    if datamodule is not None:
+        loader = datamodule.train_dataloader() if stage == "fit" else datamodule.val_dataloader()
+    else:
+        loop: Any = trainer.fit_loop if stage == "fit" else trainer.validate_loop
+        loader = loop._data_source.dataloader()
+    if isinstance(loader, (list, tuple)):
+        loader = loader[0] if loader else None
+    return None if loader is None else next(iter(loader))
+
+
+def batch_indices(batch: Any) -> Tensor | None:
+    """The samples' indices in the training set: the third entry of an ``(inputs, targets,
+    indices)`` batch (:class:`~lightning_layerkd.data.IndexedDataset`), else ``None``."""
+    if isinstance(batch, (list, tuple)) and len(batch) >= 3 and isinstance(batch[2], Tensor):
+        return batch[2]
+    return None
+
+
+def train_set_size(trainer: Any) -> int | None:
+    """The number of samples of the training set the trainer will use (all ranks together),
+    or ``None`` if its loader has no sized dataset."""
+    datamodule: Any = getattr(trainer, "datamodule", None)
+    dataset = getattr(datamodule, "train_set", None)  # an ImageDataModule after setup
+    if dataset is None:
+        if datamodule is not None:
+            loader = datamodule.train_dataloader()
+        else:
+            loader = trainer.fit_loop._data_source.dataloader()
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0] if loader else None
+        dataset = getattr(loader, "dataset", None)
+    try:
+        return len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 class DistillationModule(LightningModule):
@@ -430,7 +480,10 @@ class DistillationModule(LightningModule):
         groups = crucial_param_groups(self.student, self.layer_names)
         if self.method_parts is None:
             return groups
-        return with_parts(groups, self.layer_names, self.method_parts)  # at the layer's rate
+        parts = self.method_parts  # a layer's learnt parts learn at that layer's rate
+        owners = [*self.layer_names, BASE_GROUP]
+        modules = [*parts.per_layer, parts.shared]
+        return add_to_param_groups(groups, zip(owners, modules, strict=True))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["layerkd_layer_pairs"] = self.layer_pairs

@@ -1,6 +1,8 @@
 """The package's layers (docs/architecture.md): a lower layer never imports a higher one, the
 private autograd engine is imported by ``functional/`` only, Lightning stays out of the maths,
-Hydra and wandb stay in the app, and no module-level import cycle exists."""
+Hydra and wandb stay in the app, and no import cycle exists: every import counts, at module
+level, inside a function or under an ``if`` / ``try`` block, except the type-only ones under
+``if TYPE_CHECKING:`` (never run, so no cycle), which still keep the layers."""
 
 from __future__ import annotations
 
@@ -17,21 +19,23 @@ PACKAGE = Path(lightning_layerkd.__file__).parent
 #: Each unit (a subpackage or a root module) and its layer: a unit imports only its own modules
 #: and units of lower layers.
 LAYER = {
-    "_autograd": 0,
-    "layers": 1,
-    "functional": 2,
-    "models": 2,
-    "guards": 2,
-    "metrics": 3,
-    "methods": 3,
-    "layerwise_lr": 3,
-    "data": 3,
-    "module": 4,
-    "__init__": 5,
-    "app": 6,
+    "_common": 0,
+    "_autograd": 1,
+    "param_groups": 1,
+    "layers": 2,
+    "functional": 3,
+    "models": 3,
+    "guards": 3,
+    "metrics": 4,
+    "methods": 4,
+    "layerwise_lr": 4,
+    "data": 4,
+    "module": 5,
+    "__init__": 6,
+    "app": 7,
 }
 #: Third-party packages and the lowest layer allowed to import them.
-THIRD_PARTY_FLOOR = {"lightning": 3, "torchmetrics": 3, "hydra": 6, "omegaconf": 6, "wandb": 6}
+THIRD_PARTY_FLOOR = {"lightning": 4, "torchmetrics": 4, "hydra": 7, "omegaconf": 7, "wandb": 7}
 #: Who may import the private autograd engine, besides itself.
 AUTOGRAD_IMPORTERS = {"functional"}
 
@@ -48,28 +52,56 @@ def _unit(module: str) -> str:
     return "__init__" if len(parts) == 1 else parts[1]
 
 
+def _is_type_checking(test: ast.expr) -> bool:
+    """``if TYPE_CHECKING:`` or ``if typing.TYPE_CHECKING:``."""
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _import_nodes(tree: ast.Module) -> list[tuple[ast.Import | ast.ImportFrom, bool]]:
+    """Every import statement anywhere in ``tree`` (functions, classes, ``if`` and ``try``
+    blocks included), with whether it runs: ``False`` for the body of ``if TYPE_CHECKING:``."""
+    found: list[tuple[ast.Import | ast.ImportFrom, bool]] = []
+
+    def visit(node: ast.AST, runs: bool) -> None:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.append((node, runs))
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            for child in node.body:
+                visit(child, False)
+            for child in node.orelse:
+                visit(child, runs)
+            return
+        for child in ast.iter_child_nodes(node):
+            visit(child, runs)
+
+    visit(tree, True)
+    return found
+
+
 def _imports(path: Path, module: str) -> list[tuple[str, int, bool]]:
-    """``(imported module, line, at module level)`` for every import in ``path``."""
+    """``(imported module, line, runs)`` for every import in ``path``, wherever it stands;
+    ``runs`` is ``False`` for a type-only import under ``if TYPE_CHECKING:``."""
     tree = ast.parse(path.read_text())
-    top = {id(node) for node in tree.body}
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = []
-    for node in ast.walk(tree):
+    for node, runs in _import_nodes(tree):
         if isinstance(node, ast.Import):
-            found += [(alias.name, node.lineno, id(node) in top) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")
-                anchor = anchor[: len(anchor) - node.level + 1]
-                base = ".".join([*anchor, base] if base else anchor)
-            if base == "lightning_layerkd":  # ``from lightning_layerkd import x``: maybe a module
-                for alias in node.names:
-                    candidate = f"{base}.{alias.name}"
-                    is_module = candidate.replace(".", "/") in _MODULE_PATHS
-                    found.append((candidate if is_module else base, node.lineno, id(node) in top))
-            else:
-                found.append((base, node.lineno, id(node) in top))
+            found += [(alias.name, node.lineno, runs) for alias in node.names]
+            continue
+        base = node.module or ""
+        if node.level:
+            anchor = package.split(".")
+            anchor = anchor[: len(anchor) - node.level + 1]
+            base = ".".join([*anchor, base] if base else anchor)
+        if base.startswith("lightning_layerkd"):  # ``from <package> import x``: maybe a module
+            for alias in node.names:
+                candidate = f"{base}.{alias.name}"
+                is_module = candidate.replace(".", "/") in _MODULE_PATHS
+                found.append((candidate if is_module else base, node.lineno, runs))
+        else:
+            found.append((base, node.lineno, runs))
     return found
 
 
@@ -86,11 +118,9 @@ def layering_violations(root: Path) -> list[str]:
     graph: dict[str, set[str]] = {}
     for path, module in names.items():
         unit = _unit(module)
-        if unit == "conf":  # the Hydra configs (a link to the top-level conf/): no code
-            continue
         where = f"{path.relative_to(root.parent)}"
         graph[module] = set()
-        for imported, line, top_level in _imports(path, module):
+        for imported, line, runs in _imports(path, module):
             head = imported.split(".")[0]
             if head in THIRD_PARTY_FLOOR and LAYER[unit] < THIRD_PARTY_FLOOR[head]:
                 problems.append(f"{where}:{line}: {unit}/ imports {head}")
@@ -98,19 +128,20 @@ def layering_violations(root: Path) -> list[str]:
                 continue
             target = _unit(imported)
             if target not in LAYER:
-                continue  # lightning_layerkd.conf: the configs, no code
+                problems.append(f"{where}:{line}: {imported} is no unit of the layer table")
+                continue
             if target != unit and LAYER[target] >= LAYER[unit]:
                 problems.append(f"{where}:{line}: {unit}/ imports the higher layer {target}/")
             if target == "_autograd" and unit not in AUTOGRAD_IMPORTERS | {"_autograd"}:
                 problems.append(f"{where}:{line}: {unit}/ imports the private _autograd/")
-            if top_level:
+            if runs:
                 graph[module].add(imported)
     problems += [f"import cycle: {' -> '.join(cycle)}" for cycle in _cycles(graph)]
     return problems
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Module-level import cycles (a package's ``__init__`` importing its own modules is not)."""
+    """Import cycles (a package's ``__init__`` importing its own modules is not one)."""
     cycles, state = [], {}
 
     def visit(node: str, stack: list[str]) -> None:
@@ -132,7 +163,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_every_unit_has_a_layer() -> None:
     units = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()}
-    units = {u for u in units if not u.startswith("__pycache__") and u not in ("conf", "py")}
+    units = {u for u in units if not u.startswith("__pycache__") and u != "py"}
     assert units - {"__init__"} <= set(LAYER), sorted(units - set(LAYER))
 
 
@@ -145,7 +176,9 @@ def test_the_package_keeps_its_layers() -> None:
     [
         ("functional/maps.py", "from lightning_layerkd.methods import AttentionMaps", "higher"),
         ("functional/maps.py", "import lightning.pytorch as pl", "imports lightning"),
-        ("layers/hooks.py", "from lightning_layerkd.functional.maps import Task", "higher"),
+        ("layers/hooks.py", "from lightning_layerkd.functional.maps import score", "higher"),
+        ("_common.py", "from lightning_layerkd.layers.tokens import token_layout", "higher"),
+        ("param_groups.py", "from lightning_layerkd.layers.specs import LayerSpec", "higher"),
         ("module.py", "import wandb", "imports wandb"),
         (
             "methods/base.py",
@@ -179,3 +212,38 @@ def test_a_planted_cycle_is_caught(tmp_path: Path) -> None:
         "import cycle: lightning_layerkd.layers.discovery -> lightning_layerkd.layers.specs "
         "-> lightning_layerkd.layers.discovery"
     ]
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [
+        "def _planted() -> None:\n    from lightning_layerkd.layers.discovery import LayerInfo\n",
+        "if True:\n    from lightning_layerkd.layers import discovery\n",
+        "try:\n    import lightning_layerkd.layers.discovery\nexcept ImportError:\n    pass\n",
+    ],
+    ids=["in a function", "under an if", "under a try"],
+)
+def test_a_planted_hidden_cycle_is_caught(tmp_path: Path, planted: str) -> None:
+    copy = tmp_path / "lightning_layerkd"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    tokens = copy / "layers" / "tokens.py"  # discovery.py imports tokens.py
+    tokens.write_text(tokens.read_text() + "\n\n" + planted)
+    problems = layering_violations(copy)
+    assert problems == [
+        "import cycle: lightning_layerkd.layers.discovery -> lightning_layerkd.layers.tokens "
+        "-> lightning_layerkd.layers.discovery"
+    ]
+
+
+def test_a_type_only_import_is_no_cycle_but_keeps_the_layers(tmp_path: Path) -> None:
+    copy = tmp_path / "lightning_layerkd"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    tokens = copy / "layers" / "tokens.py"
+    tokens.write_text(
+        tokens.read_text()
+        + "\nfrom typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n"
+        + "    from lightning_layerkd.layers.discovery import LayerInfo\n"
+        + "    from lightning_layerkd.methods import MapMethod\n"
+    )
+    problems = layering_violations(copy)
+    assert len(problems) == 1 and "layers/ imports the higher layer methods/" in problems[0]

@@ -146,7 +146,7 @@ def table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
         first = True
         for schedule in sorted(
             {s for m, s in cells if m == method},
-            key=lambda s: list(SCHEDULE_LABELS).index(s) if s in SCHEDULE_LABELS else 99,
+            key=_schedule_key,
         ):
             label = method.replace("_", " ").replace("+", " + ").title()
             label = "Student alone" if method == "none" else label
@@ -253,15 +253,32 @@ def search_trials(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
     return header, rows, scores.index(max(scores))
 
 
-def plot_curves(runs: list[dict[str, Any]], path: Path) -> Path:
-    """Validation accuracy per epoch, one panel per (dataset, method) and one line per schedule:
-    the mean over seeds with a band of one standard deviation (Figure 2 style)."""
+def _schedule_key(schedule: str) -> int:
+    return list(SCHEDULE_LABELS).index(schedule) if schedule in SCHEDULE_LABELS else 99
+
+
+def _epoch_means(seeds: list[dict[int, float]]) -> tuple[list[int], list[float], list[float]]:
+    """Epochs, the mean over seeds and one standard deviation (0 for a single seed)."""
+    epochs = sorted(set().union(*seeds))
+    values = [[acc[e] for acc in seeds if e in acc] for e in epochs]
+    mean = [statistics.mean(v) for v in values]
+    std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+    return epochs, mean, std
+
+
+def curves_figure(runs: list[dict[str, Any]]) -> Any:
+    """Validation accuracy per epoch (Figure 2 style) for comparing methods: one panel per
+    dataset on one shared accuracy axis, one line per (method, schedule) with the mean over
+    seeds and a band of one standard deviation, a colour per method and a line style per
+    schedule (the same in every panel), whole-number epoch ticks, and the student alone
+    (method ``none``) as a black dashed reference line where the runs have it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    curves: dict[tuple[str, str], dict[str, list[dict[int, float]]]] = defaultdict(
+    curves: dict[str, dict[tuple[str, str], list[dict[int, float]]]] = defaultdict(
         lambda: defaultdict(list)
     )
     for run in runs:
@@ -270,32 +287,50 @@ def plot_curves(runs: list[dict[str, Any]], path: Path) -> Path:
             for row in run["student"]["history"]
             if row.get("val/acc") is not None
         }
-        curves[run.get("dataset", ""), run["method"]][run["schedule"]].append(accs)
-    panels = sorted(curves, key=lambda k: (k[0], _method_key(k[1])))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
-    for ax, (dataset, method) in zip(axes[0], panels, strict=True):
-        schedules = sorted(
-            curves[dataset, method],
-            key=lambda s: list(SCHEDULE_LABELS).index(s) if s in SCHEDULE_LABELS else 99,
-        )
-        for schedule in schedules:
-            seeds = curves[dataset, method][schedule]
-            epochs = sorted(set().union(*seeds))
-            values = [[acc[e] for acc in seeds if e in acc] for e in epochs]
-            mean = [statistics.mean(v) for v in values]
-            std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
-            label = f"{SCHEDULE_LABELS.get(schedule, schedule)} (n={len(seeds)})"
-            (line,) = ax.plot(epochs, mean, marker="o", markersize=3, label=label)
+        curves[run.get("dataset", "")][run["method"], run["schedule"]].append(accs)
+    datasets = sorted(curves)
+    methods = sorted(
+        {m for lines in curves.values() for m, _ in lines if m != "none"}, key=_method_key
+    )
+    schedules = sorted({s for lines in curves.values() for _, s in lines}, key=_schedule_key)
+    colours = {m: f"C{k % 10}" for k, m in enumerate(methods)}
+    styles = {s: ("-", "-.", ":")[k % 3] for k, s in enumerate(schedules)}  # "--": reference
+    fig, axes = plt.subplots(
+        1, len(datasets), figsize=(5.5 * len(datasets), 4.0), squeeze=False, sharey=True
+    )
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        lines = sorted(curves[dataset], key=lambda k: (_method_key(k[0]), _schedule_key(k[1])))
+        for method, schedule in lines:
+            seeds = curves[dataset][method, schedule]
+            epochs, mean, std = _epoch_means(seeds)
+            schedule_label = SCHEDULE_LABELS.get(schedule, schedule)
+            if method == "none":  # the reference every method is read against
+                alone = [s for m, s in lines if m == "none"]
+                name = "student alone" + (f", {schedule_label}" if len(alone) > 1 else "")
+                style = {"color": "black", "linestyle": "--", "linewidth": 1.2, "zorder": 1}
+            else:
+                name = f"{method.replace('_', ' ')}, {schedule_label}"
+                style = {"color": colours[method], "linestyle": styles[schedule], "marker": "o"}
+                style["markersize"] = 2.5
+            ax.plot(epochs, mean, label=f"{name} (n={len(seeds)})", **style)
             low = [m - d for m, d in zip(mean, std, strict=True)]
             high = [m + d for m, d in zip(mean, std, strict=True)]
-            ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.15)
-        name = "student alone" if method == "none" else method.replace("_", " ")
-        ax.set_title(f"{dataset}: {name}" if dataset else name)
+            ax.fill_between(epochs, low, high, color=style["color"], alpha=0.1, linewidth=0)
+        ax.set_title(dataset or "validation accuracy")
         ax.set_xlabel("epoch")
-        ax.set_ylabel("validation accuracy (%)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("validation accuracy (%)")
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(runs: list[dict[str, Any]], path: Path) -> Path:
+    """:func:`curves_figure` written to ``path`` (PNG)."""
+    fig = curves_figure(runs)  # selects the Agg backend before pyplot is imported here
+    import matplotlib.pyplot as plt
+
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

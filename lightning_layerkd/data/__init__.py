@@ -11,7 +11,7 @@ CRD) train batches are ``(images, targets, indices)`` (:class:`IndexedDataset`).
 downloads unless asked to (``download=True`` on the CIFAR modules).
 """
 
-from lightning_layerkd.functional.maps import Task
+from lightning_layerkd._common import Task
 
 from .array_files import ARRAY_FILES, ARRAY_KEYS
 from .arrays import ArrayImageDataset, ArraysDataModule

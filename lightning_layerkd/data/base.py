@@ -16,7 +16,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
 
-from lightning_layerkd.functional.maps import Task
+from lightning_layerkd._common import Task
 
 SubsetSpec = int | float | None
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -243,55 +243,3 @@ class IndexedDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, ...]:
         item = self.dataset[index]
         return (*item, index) if isinstance(item, tuple) else (item, index)
-
-
-def batch_indices(batch: Any) -> Tensor | None:
-    """The samples' indices in the training set: the third entry of an ``(inputs, targets,
-    indices)`` batch (:class:`IndexedDataset`), else ``None``."""
-    if isinstance(batch, (list, tuple)) and len(batch) >= 3 and isinstance(batch[2], Tensor):
-        return batch[2]
-    return None
-
-
-def train_set_size(trainer: Any) -> int | None:
-    """The number of samples of the training set the trainer will use (all ranks together),
-    or ``None`` if its loader has no sized dataset."""
-    datamodule: Any = getattr(trainer, "datamodule", None)
-    dataset = getattr(datamodule, "train_set", None)  # an ImageDataModule after setup
-    if dataset is None:
-        if datamodule is not None:
-            loader = datamodule.train_dataloader()
-        else:
-            loader = trainer.fit_loop._data_source.dataloader()
-        if isinstance(loader, (list, tuple)):
-            loader = loader[0] if loader else None
-        dataset = getattr(loader, "dataset", None)
-    try:
-        return len(dataset)  # type: ignore[arg-type]
-    except TypeError:
-        return None
-
-
-def split_batch(batch: Any) -> tuple[Tensor, Tensor]:
-    """``(inputs, targets)`` from a tuple or list batch; other layouts are an error that says
-    how to support them."""
-    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise TypeError(
-        "DistillationModule expects batches (inputs, targets) as a tuple or list, got "
-        f"{type(batch).__name__}; override unpack_batch() for other layouts"
-    )
-
-
-def first_batch(trainer: Any, stage: str) -> Any:
-    """The first batch of the train (``stage="fit"``) or validation dataloader the trainer
-    will use, for discovering crucial layers before the optimizer exists; ``None`` if none."""
-    datamodule: Any = getattr(trainer, "datamodule", None)
-    if datamodule is not None:
-        loader = datamodule.train_dataloader() if stage == "fit" else datamodule.val_dataloader()
-    else:
-        loop: Any = trainer.fit_loop if stage == "fit" else trainer.validate_loop
-        loader = loop._data_source.dataloader()
-    if isinstance(loader, (list, tuple)):
-        loader = loader[0] if loader else None
-    return None if loader is None else next(iter(loader))

@@ -13,7 +13,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .base import IMAGENET_MEAN, IMAGENET_STD, ImageDataModule, Task, file_digest
+from lightning_layerkd._common import Task
+
+from .base import IMAGENET_MEAN, IMAGENET_STD, ImageDataModule, file_digest
 
 _SHAPE = (
     "expected a COCO instances file: a JSON object with lists 'images' (objects with an integer "

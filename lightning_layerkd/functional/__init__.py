@@ -17,6 +17,7 @@ function                            paper
 ==================================  ===========================================================
 """
 
+from lightning_layerkd._common import TASKS, Task
 from lightning_layerkd.functional.derivatives import compute_maps, hessian_map, jacobian_map
 from lightning_layerkd.functional.divergence import (
     js_divergence,
@@ -35,8 +36,6 @@ from lightning_layerkd.functional.jacobian_matching import (
 )
 from lightning_layerkd.functional.layer_matching import match_layers
 from lightning_layerkd.functional.maps import (
-    TASKS,
-    Task,
     attention_map,
     match_maps,
     to_distribution,

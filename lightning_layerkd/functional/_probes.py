@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from lightning_layerkd._autograd.mode import LeanAutograd
-from lightning_layerkd.functional.maps import Task, default_target, score_curvature
+from lightning_layerkd._common import Task
+from lightning_layerkd.functional.maps import default_target, score_curvature
 from lightning_layerkd.layers.hooks import FeatureHooks, ProbeKind
 
 

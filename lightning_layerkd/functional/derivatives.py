@@ -21,21 +21,20 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_layerkd._autograd.attention import ComposedAttention
 from lightning_layerkd._autograd.mode import LeanAutograd
+from lightning_layerkd._common import Task, eval_mode
 from lightning_layerkd.functional._probes import batchable, batched_probe_pass, plan_key
 from lightning_layerkd.functional.maps import (
     WRTS,
-    Task,
     Wrt,
     attention_map,
     channel_sum,
     default_target,
     score,
     score_curvature,
-    token_layout,
 )
-from lightning_layerkd.layers.discovery import eval_mode
 from lightning_layerkd.layers.hooks import FeatureHooks, ProbeKind
 from lightning_layerkd.layers.specs import conversion_conv, resolve_module
+from lightning_layerkd.layers.tokens import token_layout
 
 MapKind = Literal["attention", "jacobian", "hessian"]
 MAP_KINDS: tuple[str, ...] = ("attention", "jacobian", "hessian")

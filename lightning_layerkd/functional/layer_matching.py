@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_layerkd.functional.information_flow import flatten_features
+from lightning_layerkd.layers.hooks import FeatureHooks
+from lightning_layerkd.layers.specs import resolve_module
 
 
 @torch.no_grad()
@@ -126,9 +128,6 @@ def layer_information(
 ) -> list[float]:
     """Nearest-centroid accuracy (the MI proxy of Fig. 2) of each layer in ``paths`` and of the
     output, on ``batches`` of ``(inputs, labels)``, leave-one-out, the model in eval mode."""
-    from lightning_layerkd.layers.hooks import FeatureHooks
-    from lightning_layerkd.layers.specs import resolve_module
-
     modules = [resolve_module(model, path) for path in paths]
     hooks = FeatureHooks(modules, list(paths))
     feats: list[list[Tensor]] = [[] for _ in range(len(paths) + 1)]

@@ -15,13 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_layerkd.layers.tokens import token_layout  # noqa: F401 - also read from here
+from lightning_layerkd._common import Task
 
 Wrt = Literal["weight", "activation"]
-Task = Literal["multiclass", "multilabel"]
 WeightAlignment = Literal["sorted", "index"]
 WRTS: tuple[str, ...] = ("weight", "activation")
-TASKS: tuple[str, ...] = ("multiclass", "multilabel")
 WEIGHT_ALIGNMENTS: tuple[str, ...] = ("sorted", "index")
 
 
@@ -30,9 +28,9 @@ def feature_grid(
 ) -> Tensor:
     """Features as ``(B, C, H, W)``: CNN features as they are; transformer tokens ``(B, N, C)``
     on their patch grid with the leading class/register tokens dropped: by the model's
-    ``layout`` (:func:`token_layout`) when it fits ``N``, else ``N = P + S * S`` with
-    ``S = floor(sqrt(N))`` and ``P <= 16``. Anything else is an error naming ``layer``: a map
-    never silently sums a layer's features into one number per sample."""
+    ``layout`` (:func:`~lightning_layerkd.layers.tokens.token_layout`) when it fits ``N``, else
+    ``N = P + S * S`` with ``S = floor(sqrt(N))`` and ``P <= 16``. Anything else is an error
+    naming ``layer``: a map never silently sums a layer's features into one number per sample."""
     if features.dim() == 4:
         return features
     if features.dim() == 3:
@@ -64,7 +62,8 @@ def attention_map(
         features: ``(B, C, H, W)`` feature maps, or ``(B, N, C)`` tokens (:func:`feature_grid`).
         p: the exponent (2 in the paper).
         layer: the layer's name, for errors.
-        layout: a transformer's token layout (:func:`token_layout`).
+        layout: a transformer's token layout
+            (:func:`~lightning_layerkd.layers.tokens.token_layout`).
 
     Returns:
         ``(B, H, W)`` non-negative maps, in float32.

@@ -7,15 +7,16 @@ example batch; no model is rewritten and no module needs a special forward.
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
+
+from lightning_layerkd._common import eval_mode, model_device
+from lightning_layerkd.layers.tokens import TOKEN_STAGES, stage_end, stage_ends, token_blocks
 
 Spatial = tuple[int, ...]
 
@@ -69,24 +70,6 @@ def _check_input(example_input: object, ndim: int | None = None) -> None:
         raise ValueError(
             f"example_input must be a tensor with a batch dimension, {want}; got {seen}"
         )
-
-
-def model_device(model: nn.Module) -> torch.device | None:
-    """The device of the model's first parameter or buffer; ``None`` for a model with neither."""
-    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return None if tensor is None else tensor.device
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode, restoring each module's own flag on exit."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training
 
 
 def trace_feature_maps(model: nn.Module, example_input: Tensor) -> list[LayerInfo]:
@@ -314,8 +297,6 @@ def find_crucial_layers(
     _check_input(example_input, ndim=4)
     if num_layers is not None and num_layers < 1:
         raise ValueError(f"num_layers must be at least 1, got {num_layers}")
-    from lightning_layerkd.layers.tokens import TOKEN_STAGES, stage_end, stage_ends, token_blocks
-
     t_infos = trace_feature_maps(teacher, example_input)
     s_infos = trace_feature_maps(student, example_input)
     (t_grid, t_blocks), (s_grid, s_blocks) = (

@@ -1,25 +1,21 @@
-"""Crucial layers named by the user: layer specifications, paths, conversion convolutions and
-the optimizer param groups they name.
+"""Crucial layers named by the user: layer specifications, paths and conversion convolutions.
 
 Discovery (``layers="auto"``) is in :mod:`lightning_layerkd.layers.discovery`; the persistent hooks
-that
-read the layers during training are in :mod:`lightning_layerkd.layers.hooks`.
+that read the layers during training are in :mod:`lightning_layerkd.layers.hooks`; the optimizer
+param groups the layers name are in :mod:`lightning_layerkd.param_groups`.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from torch import Tensor, nn
 
 from lightning_layerkd.layers.discovery import format_candidates, trace_feature_maps
+from lightning_layerkd.param_groups import BASE_GROUP
 
 _GATE = re.compile(r"squeeze|excit|^se(module|layer|block)?$|gate|attention", re.IGNORECASE)
-
-#: Name of the optimizer param group that holds every non-crucial student parameter.
-BASE_GROUP = "base"
 
 #: ``"auto"``, paths present in both networks, ``(student, teacher)`` pairs or a dict.
 LayerSpec = str | Sequence[str] | Sequence[tuple[str, str]] | Mapping[str, str]
@@ -142,19 +138,3 @@ def check_layer_pairs(
     for student_path, teacher_path in pairs:
         resolve_module(student, student_path, example_input, role="student")
         resolve_module(teacher, teacher_path, example_input, role="teacher")
-
-
-def crucial_param_groups(model: nn.Module, names: Sequence[str]) -> list[dict[str, Any]]:
-    """One param group per crucial module of ``model`` (named by its path) plus
-    :data:`BASE_GROUP`; every trainable parameter is in exactly one group (docs/design.md
-    section 2)."""
-    groups: list[dict[str, Any]] = []
-    seen: set[int] = set()
-    for name in names:
-        params = [p for p in model.get_submodule(name).parameters() if p.requires_grad]
-        seen.update(id(p) for p in params)
-        groups.append({"name": name, "params": params})
-    base = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
-    if base or not groups:
-        groups.append({"name": BASE_GROUP, "params": base})
-    return groups

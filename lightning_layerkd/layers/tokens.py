@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from lightning_layerkd.layers.discovery import eval_mode, model_device
+from lightning_layerkd._common import eval_mode, model_device
 
 #: Stages a plain (isotropic) transformer is cut into when it is paired with another one: as
 #: many as a ResNet has, the paper's 4 crucial layers.

@@ -11,22 +11,27 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_layerkd.layerwise_lr._checks import check_fit, warn_if_max_steps_ends_first
+from lightning_layerkd.layerwise_lr._checks import (
+    check_fit,
+    check_rule_options,
+    layer_divergences,
+    warn_if_max_steps_ends_first,
+)
 from lightning_layerkd.layerwise_lr.rules import (
     Rule,
     Target,
-    check_rule_options,
-    compose_swa_lrs,
-    first_group_lrs,
-    layer_divergences,
     multipliers_in_force,
-    named_param_groups,
     paper_divergence,
     paper_rate,
     relative_factors,
     relative_step,
-    scale_param_group,
     steps_per_epoch,
+)
+from lightning_layerkd.param_groups import (
+    compose_swa_lrs,
+    first_group_lrs,
+    named_param_groups,
+    scale_param_group,
 )
 
 

@@ -23,8 +23,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from lightning_layerkd._common import Task
 from lightning_layerkd.functional.divergence import logit_distillation_loss
-from lightning_layerkd.functional.maps import Task
 from lightning_layerkd.layers.discovery import find_crucial_layers
 from lightning_layerkd.layers.hooks import FeatureHooks
 from lightning_layerkd.methods.parts import LearntParts
@@ -298,9 +298,3 @@ def build_method(method: str | DistillationMethod) -> DistillationMethod:
         f"method must be a registered name {method_names()} or a DistillationMethod, got "
         f"{type(method).__name__}"
     )
-
-
-def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
-    """A ``ValueError`` naming the valid choices unless ``value`` is one of them."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")

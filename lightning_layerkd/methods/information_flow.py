@@ -10,6 +10,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from lightning_layerkd._common import check_choice
 from lightning_layerkd.functional.information_flow import (
     LOSS_KERNELS,
     REDUCTIONS,
@@ -23,7 +24,6 @@ from lightning_layerkd.methods.base import (
     DistillationMethod,
     MethodOutput,
     Networks,
-    check_choice,
     register_method,
 )
 from lightning_layerkd.methods.features import forward_recording

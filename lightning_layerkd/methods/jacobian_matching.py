@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from lightning_layerkd._common import check_choice
 from lightning_layerkd.functional.derivatives import running_stats_kept
 from lightning_layerkd.functional.jacobian_matching import (
     activation_matching_loss,
@@ -17,7 +18,6 @@ from lightning_layerkd.methods.base import (
     DistillationMethod,
     MethodOutput,
     Networks,
-    check_choice,
     register_method,
 )
 

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_layerkd._common import check_choice, model_device
 from lightning_layerkd.functional.derivatives import MapKind, compute_maps, constant_map_layers
 from lightning_layerkd.functional.divergence import map_js_divergences
 from lightning_layerkd.functional.maps import (
@@ -25,13 +26,11 @@ from lightning_layerkd.functional.maps import (
     default_target,
     match_maps,
 )
-from lightning_layerkd.layers.discovery import model_device
 from lightning_layerkd.layers.specs import conversion_conv
 from lightning_layerkd.methods.base import (
     DistillationMethod,
     MethodOutput,
     Networks,
-    check_choice,
     register_method,
 )
 

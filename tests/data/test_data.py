@@ -565,7 +565,7 @@ def test_links_that_cannot_be_followed_are_named_as_such(tmp_path) -> None:
 
 def test_sample_indices_add_each_samples_index_to_train_batches_only():
     from lightning_layerkd.data import DigitsDataModule, IndexedDataset
-    from lightning_layerkd.data.base import batch_indices
+    from lightning_layerkd.module import batch_indices
 
     dm = DigitsDataModule(batch_size=16, image_size=8)
     dm.setup("fit")

@@ -22,7 +22,7 @@ from torch.optim.lr_scheduler import MultiStepLR
 from torch.optim.swa_utils import SWALR
 
 from lightning_layerkd import LayerwiseLRCallback
-from lightning_layerkd.layerwise_lr.rules import SWA_MARK
+from lightning_layerkd.param_groups import SWA_MARK
 from tests.helpers.callback import (
     BATCH,
     BATCHES,
