@@ -184,7 +184,7 @@ class CRD(FeatureMethod):
                 raise ValueError(
                     "CRD needs each training sample's index in the training set: batches "
                     "(inputs, targets, indices), e.g. ImageDataModule.sample_indices = True or "
-                    "lightning_layerkd.data.base.IndexedDataset around the train set"
+                    "lightning_layerkd.data.IndexedDataset around the train set"
                 )
             self._update(part, nets.indices, t.detach())
         return loss
