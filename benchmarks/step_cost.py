@@ -16,8 +16,10 @@ with the optimizer from ``module.configure_optimizers()`` (SGD, momentum 0.9, we
   crucial pairs ``layer1``..``layer4``;
 * ``jacobian_matching``, ``information_flow``, ``fitnet``, ``attention_transfer``, ``crd``
   (a bank of 10,000 rows), ``review_kd``: those methods with their default options on the same
-  four pairs (a configuration that this version of ``DistillationModule``
-  rejects is listed as skipped with the error it raised).
+  four pairs (a configuration that this version of ``DistillationModule`` rejects is listed as
+  skipped with the error it raised);
+* ``logits``, ``dkd``, ``dist``, ``dkd+ls``: the logit methods (Hinton's KD, decoupled KD,
+  DIST, DKD with logit standardization) at their defaults, no crucial layers.
 
 ``--precision bf16`` runs the forward part of every step (the teacher forward and
 ``training_step``) under ``torch.autocast(dtype=torch.bfloat16)``, the backward and the optimizer
@@ -119,6 +121,7 @@ class Config:
     method: str  # DistillationModule's method ("none" for student and floor)
     wrt: str | None = None  # derivative maps: "weight" or "activation"
     floor: bool = False  # add a teacher forward under no_grad
+    options: tuple[tuple[str, Any], ...] = ()  # further method options
 
 
 CONFIGS: dict[str, Config] = {
@@ -137,6 +140,10 @@ CONFIGS: dict[str, Config] = {
         Config("attention_transfer", "attention_transfer"),
         Config("crd", "crd"),
         Config("review_kd", "review_kd"),
+        Config("logits", "logits"),
+        Config("dkd", "dkd"),
+        Config("dist", "dist"),
+        Config("dkd+ls", "dkd", options=(("standardize", True),)),
     )
 }
 #: CRD's memory bank: one row per training sample (the strong-teacher benchmark's CIFAR-100)
@@ -207,7 +214,9 @@ def build_step(
             options: dict[str, Any] = {"wrt": config.wrt} if config.wrt is not None else {}
             if method_class(config.method).needs_sample_indices:
                 options["num_samples"] = CRD_SAMPLES
-            kwargs["method"] = method_class(config.method)(**options)
+            kwargs["method"] = method_class(config.method)(**options, **dict(config.options))
+            if not kwargs["method"].uses_layers:  # the logit methods: no crucial layers
+                kwargs["layers"] = []
             module = DistillationModule(teacher, student, **kwargs)
         except ValueError as err:
             raise Skipped(f"DistillationModule(method={config.method!r}): {err}") from err

@@ -166,6 +166,7 @@ class DistillationModule(LightningModule):
         super().__init__()
         self.method = build_method(method)
         check_choice("task", task, TASKS)
+        self.method.check_task(task)
         check_choice("scheduler_interval", scheduler_interval, ("epoch", "step"))
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")

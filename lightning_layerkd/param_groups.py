@@ -39,7 +39,7 @@ def add_to_param_groups(
 ) -> list[dict[str, Any]]:
     """``groups`` with each ``(name, module)``'s trainable parameters added to the group of that
     name (a new group if there is none): a method's learnt parts join their crucial layer's
-    group, shared ones :data:`BASE_GROUP` (docs/design.md section 10)."""
+    group, shared ones :data:`BASE_GROUP` (docs/design.md section 11)."""
     by_name = {group["name"]: group for group in groups}
     for name, module in extra:
         if name not in by_name:

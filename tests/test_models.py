@@ -6,11 +6,19 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from lightning_layerkd.models import (
     CifarResNet,
+    ThreeStageResNet,
+    WideResNet,
     resnet,
+    resnet8x4,
     resnet10,
     resnet18,
+    resnet20,
+    resnet32x4,
     resnet34,
     resnet50,
+    resnet56,
+    wrn_16_2,
+    wrn_40_2,
 )
 
 
@@ -92,3 +100,79 @@ def test_kaiming_init() -> None:
 def test_bad_depth() -> None:
     with pytest.raises(ValueError, match=r"12.*\[10, 18, 34, 50\]"):
         resnet(12)
+
+
+# ---------------------------------------------------------------------- the standard CIFAR tables
+def conv(i: int, o: int, k: int) -> int:
+    return i * o * k * k
+
+
+def bn(c: int) -> int:
+    return 2 * c
+
+
+def three_stage_count(depth: int, filters: tuple[int, ...], classes: int) -> int:
+    """Parameters of He et al.'s CIFAR ResNet counted layer by layer from its description."""
+    n, total, inplanes = (depth - 2) // 6, conv(3, filters[0], 3) + bn(filters[0]), filters[0]
+    for stage, planes in enumerate(filters[1:]):
+        for block in range(n):
+            i = inplanes if block == 0 else planes
+            total += conv(i, planes, 3) + conv(planes, planes, 3) + 2 * bn(planes)
+            if block == 0 and (stage > 0 or i != planes):
+                total += conv(i, planes, 1) + bn(planes)
+        inplanes = planes
+    return total + filters[-1] * classes + classes
+
+
+def wide_count(depth: int, k: int, classes: int) -> int:
+    """Parameters of WRN-depth-k counted from Zagoruyko & Komodakis' description."""
+    n, widths = (depth - 4) // 6, [16, 16 * k, 32 * k, 64 * k]
+    total = conv(3, 16, 3)
+    for stage in range(3):
+        for block in range(n):
+            i, o = (widths[stage] if block == 0 else widths[stage + 1]), widths[stage + 1]
+            total += bn(i) + conv(i, o, 3) + bn(o) + conv(o, o, 3)
+            if i != o or (block == 0 and stage > 0):
+                total += conv(i, o, 1)
+    return total + bn(widths[3]) + widths[3] * classes + classes
+
+
+# (builder, published parameters in millions at 100 classes (CRD, Tian et al. 2020, and the
+# DKD / DIST tables), the count from the architecture's description)
+STANDARD = [
+    (resnet8x4, 1.23, three_stage_count(8, (32, 64, 128, 256), 100)),
+    (resnet32x4, 7.43, three_stage_count(32, (32, 64, 128, 256), 100)),
+    (resnet20, 0.28, three_stage_count(20, (16, 16, 32, 64), 100)),
+    (resnet56, 0.86, three_stage_count(56, (16, 16, 32, 64), 100)),
+    (wrn_16_2, 0.70, wide_count(16, 2, 100)),
+    (wrn_40_2, 2.26, wide_count(40, 2, 100)),
+]
+
+
+@pytest.mark.parametrize(("build", "published", "counted"), STANDARD)
+def test_standard_cifar_networks_have_their_published_parameter_counts(
+    build, published: float, counted: int
+) -> None:
+    model = build()
+    assert n_params(model) == counted
+    assert round(counted / 1e6, 2) == published
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+    assert build(num_classes=10, in_channels=1)(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("build", [resnet8x4, wrn_16_2])
+def test_standard_networks_name_three_stages_at_32_16_8_pixels(build) -> None:
+    model, sizes = build(), []
+    for name in ("layer1", "layer2", "layer3"):
+        getattr(model, name).register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1]))
+    model(torch.randn(2, 3, 32, 32))
+    assert sizes == [32, 16, 8]
+
+
+def test_standard_networks_refuse_depths_they_cannot_build() -> None:
+    with pytest.raises(ValueError, match="depth must be 6 n \\+ 2"):
+        ThreeStageResNet(10, (16, 16, 32, 64))
+    with pytest.raises(ValueError, match="depth must be 6 n \\+ 4"):
+        WideResNet(18, 2)
+    with pytest.raises(ValueError, match="widen_factor must be at least 1"):
+        WideResNet(16, 0)

@@ -34,6 +34,10 @@ def _number(key: str, value: Any, example: str) -> float:
     return float(value)
 
 
+#: method and logit-loss options that weight a loss term (DKD's alpha and beta, DIST's gamma)
+LOSS_WEIGHTS = ("alpha", "beta", "gamma")
+
+
 def check_positive(key: str, value: Any, example: str, *, zero: bool = False) -> None:
     """``value`` finite and > 0 (>= 0 with ``zero``)."""
     number = _number(key, value, example)
@@ -55,9 +59,19 @@ def check_values(cfg: DictConfig) -> None:
             f"by at each milestone), got {cfg.lr_decay}: e.g. lr_decay=0.1, or 1 for none"
         )
     check_positive("map_weight", cfg.map_weight, "1.0", zero=True)
-    for key, value in (cfg.get("method") or {}).items():
-        if str(key).endswith("weight") and value is not None:
-            check_positive(f"method.{key}", value, "1.0", zero=True)
+    method = cfg.get("method") or {}
+    logit_loss = method.get("logit_loss") if isinstance(method, DictConfig) else None
+    nodes = [("method", method)]
+    if isinstance(logit_loss, DictConfig):
+        nodes.append(("method.logit_loss", logit_loss))
+    for prefix, node in nodes:
+        for key, value in node.items():
+            if value is None:
+                continue
+            if str(key).endswith("weight") or key in LOSS_WEIGHTS:
+                check_positive(f"{prefix}.{key}", value, "1.0", zero=True)
+            elif key == "temperature":
+                check_positive(f"{prefix}.{key}", value, "4.0")
     for key in ("limit_train_batches", "limit_val_batches"):
         value = cfg.get(key)
         if value is None:
@@ -118,20 +132,26 @@ def check_trainer(cfg: DictConfig) -> None:
 def method_from_config(cfg: DictConfig) -> DistillationMethod:
     """The method of ``cfg.method``; unknown options list the valid ones."""
     target = get_class(cfg.method._target_)
-    valid = [
-        name
-        for cls in target.__mro__[:-1]
-        for name, p in inspect.signature(cls.__init__).parameters.items()  # type: ignore[misc]
-        if p.kind is p.KEYWORD_ONLY
-    ]
+    valid: list[str] = []
+    for cls in target.__mro__[:-1]:  # up the hierarchy while __init__ forwards **kwargs
+        params = inspect.signature(cls.__init__).parameters.values()  # type: ignore[misc]
+        valid += [p.name for p in params if p.kind is p.KEYWORD_ONLY]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
     unknown = sorted(set(cfg.method) - {"_target_"} - set(valid))
     if unknown:
-        hint = (
-            "; schedule=critical_period weights information-flow layers (Passalis et al. "
-            "eq. 10) and applies to method=information_flow only"
-            if "critical_period" in unknown
-            else ""
-        )
+        hint = ""
+        if "critical_period" in unknown:
+            hint = (
+                "; schedule=critical_period weights information-flow layers (Passalis et al. "
+                "eq. 10) and applies to method=information_flow only"
+            )
+        elif "logit_loss" in unknown:
+            hint = (
+                f"; {target.__name__}'s logit loss is its own: set its options (e.g. "
+                "method.standardize=true), or add a logit loss to a feature method "
+                "(method=attention method/logit_loss=dkd)"
+            )
         raise ConfigError(
             f"method options {unknown} are not options of {target.__name__}; valid: "
             f"{sorted(set(valid))}{hint}"

@@ -123,6 +123,10 @@ def _run(cfg: DictConfig, root: Path) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
+    try:  # before the teacher trains: a logit loss the data's task cannot use
+        method.check_task(getattr(datamodule, "task", "multiclass"))
+    except ValueError as err:
+        raise ConfigError(f"method and dataset: {err}") from err
     teacher, student = _model(cfg.model.teacher, datamodule), _model(cfg.model.student, datamodule)
     example = next(iter(datamodule.train_dataloader()))[0]
     auxiliary = _auxiliary_model(cfg, datamodule) if getattr(method, "auxiliary", False) else None

@@ -4,7 +4,7 @@ activation-based attention maps of a student and a teacher layer (their eq. 2).
 ``Q = vec(sum_c |A_c|^p)`` (their eq. 1's ``F_sum^p``, ``p = 2``) is normalised per sample,
 ``Q / ||Q||_2``, and compared by the squared L2 distance divided by the map's size: the
 authors' implementation of eq. 2, whose ``beta`` they state "divided by the number of elements
-in attention map and batch size" (docs/design.md section 10).
+in attention map and batch size" (docs/design.md section 11).
 """
 
 from __future__ import annotations

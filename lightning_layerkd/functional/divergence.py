@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from lightning_layerkd.functional.logit_losses import soften
 from lightning_layerkd.functional.maps import at_least_float32
 
 #: The upper bound of the natural-log JSD with equal weights.
@@ -193,9 +194,13 @@ def logit_distillation_loss(
     *,
     task: str = "multiclass",
     reduction: str = "mean",
+    standardize: bool = False,
 ) -> Tensor:
     """Logit distillation (Hinton et al. 2015, section 2): ``T^2 KL(p_T || p_S)`` with
     ``p = softmax(z / T)``; the ``T^2`` keeps its gradient's scale independent of ``T``.
+    ``standardize``: Sun et al. 2024's ``p = softmax(Z(z; T))``, the logits z-scored per sample
+    first (:func:`~lightning_layerkd.functional.logit_losses.standardize_logits`; multi-class
+    only).
 
     ``task="multilabel"`` treats each label as its own two-class softmax (a sigmoid):
     ``T^2 mean_k KL(Bernoulli(sigmoid(z_T,k / T)) || Bernoulli(sigmoid(z_S,k / T)))``.
@@ -211,9 +216,12 @@ def logit_distillation_loss(
         )
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    s = student_logits.to(dtype) / temperature
-    t = teacher_logits.detach().to(dtype) / temperature
+    if standardize and task != "multiclass":
+        raise ValueError(
+            f"standardize=True needs task='multiclass' (one softmax over the classes), got {task!r}"
+        )
+    s = soften(student_logits, temperature, standardize=standardize)
+    t = soften(teacher_logits.detach(), temperature, standardize=standardize)
     if task == "multiclass":
         log_p_t, log_p_s = F.log_softmax(t, dim=-1), F.log_softmax(s, dim=-1)
         per_sample = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)

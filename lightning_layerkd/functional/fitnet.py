@@ -5,7 +5,7 @@ convolutional regressor.
 ``L_HT = 1/2 || u_h(x) - r(v_g(x)) ||^2`` (eq. 3), where ``u_h`` is the teacher's hint, ``v_g``
 the student's guided layer and ``r`` a learnt regressor whose output has the hint's shape. Here
 the squared distance is averaged over the hint's entries (``C H W``), so layers of different
-sizes weigh alike (docs/design.md section 10).
+sizes weigh alike (docs/design.md section 11).
 """
 
 from __future__ import annotations

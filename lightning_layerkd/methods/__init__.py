@@ -14,8 +14,14 @@ name                      class                           paper
 ``"crd"``                 :class:`CRD`                    Tian et al. 2020, eqs. 18-19
 ``"review_kd"``           :class:`ReviewKD`               Chen et al. 2021, ABF and HCL
 ``"logits"``              :class:`LogitDistillation`      Hinton et al. 2015
+``"dkd"``                 :class:`DecoupledKD`            Zhao et al. 2022, eqs. 1-8
+``"dist"``                :class:`DIST`                   Huang et al. 2022
 ``"none"``                :class:`StudentOnly`            the student alone
 ========================  ==============================  =========================================
+
+Every method adds a logit loss to its own terms with ``logit_loss``: :class:`KDLoss` (Hinton et
+al.; also what ``logit_weight`` builds), :class:`DKDLoss` or :class:`DISTLoss`, each with
+``standardize`` (logit standardization, Sun et al. 2024).
 """
 
 # The registration order, which method lists and reports follow, is the table's.
@@ -38,14 +44,25 @@ from lightning_layerkd.methods.fitnet import FitNet
 from lightning_layerkd.methods.attention_transfer import AttentionTransfer
 from lightning_layerkd.methods.crd import CRD
 from lightning_layerkd.methods.review_kd import ReviewKD
-from lightning_layerkd.methods.logits import LogitDistillation, StudentOnly
+from lightning_layerkd.methods.logit_losses import DISTLoss, DKDLoss, KDLoss, LogitLoss
+from lightning_layerkd.methods.logits import (
+    DIST,
+    DecoupledKD,
+    LogitDistillation,
+    OutputMethod,
+    StudentOnly,
+)
 
 # isort: on
 
 __all__ = [
+    "DIST",
     "AttentionMaps",
     "AttentionTransfer",
     "CRD",
+    "DISTLoss",
+    "DKDLoss",
+    "DecoupledKD",
     "DistillationMethod",
     "FeatureMethod",
     "FitNet",
@@ -53,12 +70,15 @@ __all__ = [
     "InformationFlow",
     "JacobianMaps",
     "JacobianMatching",
+    "KDLoss",
     "LearntParts",
     "LogitDistillation",
+    "LogitLoss",
     "MapMethod",
     "MethodOutput",
     "ReviewKD",
     "Networks",
+    "OutputMethod",
     "StudentOnly",
     "build_method",
     "method_class",

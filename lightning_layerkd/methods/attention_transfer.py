@@ -8,6 +8,7 @@ from torch import Tensor
 from lightning_layerkd.functional.attention_transfer import attention_transfer_divergence
 from lightning_layerkd.methods.base import Networks, register_method
 from lightning_layerkd.methods.features import FeatureMethod
+from lightning_layerkd.methods.logit_losses import LogitLoss
 
 
 @register_method("attention_transfer")
@@ -22,7 +23,7 @@ class AttentionTransfer(FeatureMethod):
     Args:
         beta: the weight ``beta`` of eq. 2 (the loss is ``beta / 2`` times the sum).
         p: the exponent of ``sum_c |A_c|^p``.
-        task_loss, logit_weight, temperature: see :class:`DistillationMethod`.
+        task_loss, logit_weight, temperature, logit_loss: see :class:`DistillationMethod`.
     """
 
     divergence_name = "at"
@@ -36,6 +37,7 @@ class AttentionTransfer(FeatureMethod):
         task_loss: bool = True,
         logit_weight: float = 0.0,
         temperature: float = 4.0,
+        logit_loss: LogitLoss | None = None,
     ) -> None:
         if not beta >= 0:
             raise ValueError(f"beta must be non-negative (eq. 2's weight, e.g. 1000), got {beta}")
@@ -46,6 +48,7 @@ class AttentionTransfer(FeatureMethod):
             task_loss=task_loss,
             logit_weight=logit_weight,
             temperature=temperature,
+            logit_loss=logit_loss,
         )
         self.beta = float(beta)
         self.p = float(p)

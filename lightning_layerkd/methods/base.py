@@ -8,7 +8,8 @@ teacher's logits, the per-layer per-sample divergences that
 (:meth:`DistillationMethod.compute`). :class:`~lightning_layerkd.DistillationModule` owns
 everything else: the hooks' lifetime, the param groups, logging, metrics and checkpoints.
 
-Every method can add logit distillation (Hinton et al. 2015) to its own terms with
+Every method can add a logit loss to its own terms: ``logit_loss`` (Hinton's KD, decoupled KD or
+DIST, :mod:`lightning_layerkd.methods.logit_losses`), or Hinton et al.'s KD alone with
 ``logit_weight`` and ``temperature``.
 """
 
@@ -24,13 +25,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_layerkd._common import Task
-from lightning_layerkd.functional.divergence import logit_distillation_loss
 from lightning_layerkd.layers.discovery import find_crucial_layers
 from lightning_layerkd.layers.hooks import FeatureHooks
+from lightning_layerkd.methods.logit_losses import KDLoss, LogitLoss
 from lightning_layerkd.methods.parts import LearntParts
-
-#: The name of the loss term that logit distillation adds (``train/logit_loss``).
-LOGIT_TERM = "logit_loss"
 
 
 class MethodOutput(NamedTuple):
@@ -91,7 +89,10 @@ class DistillationMethod:
         task_loss: add the task loss (cross-entropy, ``l_1`` of eq. 1) to the method's terms.
         logit_weight: weight of logit distillation added to the method's own terms (Hinton et
             al. 2015, ``T^2 KL(softmax(z_T / T) || softmax(z_S / T))``); 0 leaves it out.
-        temperature: ``T`` of logit distillation.
+            Shorthand for ``logit_loss=KDLoss(weight=logit_weight, temperature=temperature)``.
+        temperature: ``T`` of that logit distillation.
+        logit_loss: a logit loss added to the method's own terms, its terms logged by name
+            (``KDLoss``, ``DKDLoss``, ``DISTLoss``); with ``logit_weight`` > 0 it is an error.
     """
 
     #: the registered name; an unregistered class is named by its class name
@@ -110,24 +111,58 @@ class DistillationMethod:
         cls.name = cls.__name__  # not the parent's registered name; register_method sets it
 
     def __init__(
-        self, *, task_loss: bool = True, logit_weight: float = 0.0, temperature: float = 4.0
+        self,
+        *,
+        task_loss: bool = True,
+        logit_weight: float = 0.0,
+        temperature: float = 4.0,
+        logit_loss: LogitLoss | None = None,
     ) -> None:
         if logit_weight < 0:
             raise ValueError(f"logit_weight must be non-negative, got {logit_weight}")
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
-        if logit_weight and not self.needs_teacher:
-            raise ValueError(f"{type(self).__name__} has no teacher, so logit_weight must be 0")
+        owner = type(self).__name__
+        if logit_loss is not None and not isinstance(logit_loss, LogitLoss):
+            raise TypeError(
+                f"{owner}: logit_loss must be a LogitLoss (KDLoss, DKDLoss, DISTLoss) or None, "
+                f"got {type(logit_loss).__name__}"
+            )
+        if logit_loss is not None and logit_weight:
+            raise ValueError(
+                f"{owner}: logit_weight={logit_weight} (Hinton's KD) and logit_loss={logit_loss!r} "
+                "both add a logit loss; set logit_weight to 0 or leave logit_loss out"
+            )
+        if (logit_weight or logit_loss is not None) and not self.needs_teacher:
+            raise ValueError(f"{owner} has no teacher, so logit_weight must be 0 (no logit_loss)")
         self.task_loss = bool(task_loss)
         self.logit_weight = float(logit_weight)
         self.temperature = float(temperature)
+        self.logit_loss = logit_loss
+        #: the logit loss this method adds: ``logit_loss``, Hinton's KD from ``logit_weight``,
+        #: or none
+        self.logit_term: LogitLoss | None = logit_loss
+        if logit_weight:
+            self.logit_term = KDLoss(weight=logit_weight, temperature=temperature)
 
     @property
     def label(self) -> str:
-        """The name results are reported under: :attr:`name`, with ``+logits`` when the method
-        adds logit distillation to its own terms (``AttentionMaps(logit_weight=1)`` is
-        ``attention+logits``), so the two never share a row of a report."""
-        return f"{self.name}+logits" if self.logit_weight > 0 else self.name
+        """The name results are reported under: :attr:`name`, with ``+`` the logit loss's label
+        when the method adds one to its own terms (``AttentionMaps(logit_weight=1)`` is
+        ``attention+logits``, with ``logit_loss=DKDLoss(standardize=True)``
+        ``attention+dkd+ls``), so that they never share a row of a report."""
+        return f"{self.name}+{self.logit_term.label}" if self.logit_term else self.name
+
+    def check_task(self, task: str) -> None:
+        """A ``ValueError`` unless the method, its logit loss included, is defined for ``task``
+        (decoupled KD and DIST are multi-class only)."""
+        term = self.logit_term
+        if term is not None and task not in term.tasks:
+            raise ValueError(
+                f"{self!r}: its logit loss {type(term).__name__} is defined for task in "
+                f"{list(term.tasks)}, not {task!r}; KDLoss (Hinton et al.) handles multi-label "
+                "data"
+            )
 
     # ------------------------------------------------------------------ extension points
     def compute(self, nets: Networks, x: Tensor, y: Tensor, *, create_graph: bool) -> MethodOutput:
@@ -186,7 +221,7 @@ class DistillationMethod:
 
     # ------------------------------------------------------------------ the one entry point
     def __call__(self, nets: Networks, x: Tensor, y: Tensor, *, create_graph: bool) -> MethodOutput:
-        """:meth:`compute`, checked against the contract, plus logit distillation."""
+        """:meth:`compute`, checked against the contract, plus the logit loss's terms."""
         out = self.compute(nets, x, y, create_graph=create_graph)
         if not isinstance(out, MethodOutput):
             raise TypeError(
@@ -206,17 +241,23 @@ class DistillationMethod:
                     f"{tuple(d.shape)}; it must be per sample, shape ({x.shape[0]},) (repeat a "
                     "per-batch value with .expand(batch_size))"
                 )
-        if not self.logit_weight:
+        if self.logit_term is None:
             return out
         if out.teacher_logits is None:
+            needs = f"logit_weight={self.logit_weight}" if self.logit_weight else "logit_loss"
             raise ValueError(
-                f"{type(self).__name__}.compute returned no teacher_logits, which "
-                f"logit_weight={self.logit_weight} needs"
+                f"{type(self).__name__}.compute returned no teacher_logits, which {needs} needs"
             )
-        kd = logit_distillation_loss(
-            out.logits, out.teacher_logits.detach(), self.temperature, task=nets.task
+        terms = self.logit_term(
+            out.logits, out.teacher_logits.detach(), y, task=nets.task, epoch=nets.epoch
         )
-        return out._replace(losses={**out.losses, LOGIT_TERM: self.logit_weight * kd})
+        clash = sorted(set(terms) & set(out.losses))
+        if clash:
+            raise ValueError(
+                f"{type(self).__name__}'s own loss terms and its logit loss "
+                f"{self.logit_term!r} share the names {clash}; rename the method's terms"
+            )
+        return out._replace(losses={**out.losses, **terms})
 
     # ------------------------------------------------------------------ description
     def options(self) -> dict[str, Any]:
@@ -234,6 +275,10 @@ class DistillationMethod:
                     options.setdefault(param.name, getattr(self, param.name))
             if not any(p.kind is p.VAR_KEYWORD for p in params):
                 break
+        for key, value in options.items():  # plain values (results.json): its Hydra node
+            if isinstance(value, LogitLoss):
+                target = f"{type(value).__module__}.{type(value).__qualname__}"
+                options[key] = {"_target_": target, **value.options()}
         return options
 
     def __repr__(self) -> str:

@@ -15,6 +15,7 @@ from lightning_layerkd.functional.crd import crd_loss_from_logits, momentum_upda
 from lightning_layerkd.functional.maps import feature_grid
 from lightning_layerkd.methods.base import LearntParts, MethodOutput, Networks, register_method
 from lightning_layerkd.methods.features import FeatureMethod
+from lightning_layerkd.methods.logit_losses import LogitLoss
 
 
 class Embedding(nn.Module):
@@ -94,7 +95,7 @@ class CRD(FeatureMethod):
         momentum: ``m`` of the bank's update (0.5).
         num_samples: ``M``, the training set's size; ``None``: the module's train loader's.
         seed: seeds the bank's initial vectors and the draws of negatives.
-        task_loss, logit_weight, temperature: see :class:`DistillationMethod`.
+        task_loss, logit_weight, temperature, logit_loss: see :class:`DistillationMethod`.
     """
 
     divergence_name = "crd"
@@ -115,6 +116,7 @@ class CRD(FeatureMethod):
         task_loss: bool = True,
         logit_weight: float = 0.0,
         temperature: float = 4.0,
+        logit_loss: LogitLoss | None = None,
     ) -> None:
         if not crd_weight >= 0:
             raise ValueError(f"crd_weight must be non-negative (e.g. 0.8), got {crd_weight}")
@@ -132,6 +134,7 @@ class CRD(FeatureMethod):
             task_loss=task_loss,
             logit_weight=logit_weight,
             temperature=temperature,
+            logit_loss=logit_loss,
         )
         self.crd_weight = float(crd_weight)
         self.dim = dim

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from lightning_layerkd.layers.hooks import FeatureHooks
 from lightning_layerkd.methods.base import DistillationMethod, MethodOutput, Networks
+from lightning_layerkd.methods.logit_losses import LogitLoss
 
 
 def forward_recording(
@@ -28,7 +29,7 @@ class FeatureMethod(DistillationMethod):
 
     Args:
         feature_weight: the weight of the summed layer terms (``beta`` of the method's paper).
-        task_loss, logit_weight, temperature: see :class:`DistillationMethod`.
+        task_loss, logit_weight, temperature, logit_loss: see :class:`DistillationMethod`.
     """
 
     supports_layer_weights = True
@@ -42,8 +43,14 @@ class FeatureMethod(DistillationMethod):
         task_loss: bool = True,
         logit_weight: float = 0.0,
         temperature: float = 4.0,
+        logit_loss: LogitLoss | None = None,
     ) -> None:
-        super().__init__(task_loss=task_loss, logit_weight=logit_weight, temperature=temperature)
+        super().__init__(
+            task_loss=task_loss,
+            logit_weight=logit_weight,
+            temperature=temperature,
+            logit_loss=logit_loss,
+        )
         if not feature_weight >= 0:
             raise ValueError(f"feature_weight must be non-negative, got {feature_weight}")
         self.feature_weight = float(feature_weight)

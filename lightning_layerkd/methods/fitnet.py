@@ -14,6 +14,7 @@ from lightning_layerkd.functional.fitnet import hint_loss, hint_size, regressor_
 from lightning_layerkd.functional.maps import feature_grid
 from lightning_layerkd.methods.base import LearntParts, Networks, register_method
 from lightning_layerkd.methods.features import FeatureMethod
+from lightning_layerkd.methods.logit_losses import LogitLoss
 
 
 class HintRegressor(nn.Module):
@@ -51,7 +52,7 @@ class FitNet(FeatureMethod):
     Args:
         hint_weight: the weight of the summed hint losses.
         relu: end each regressor with a ReLU, the hint's nonlinearity (Romero et al. 2.2).
-        task_loss, logit_weight, temperature: see :class:`DistillationMethod`.
+        task_loss, logit_weight, temperature, logit_loss: see :class:`DistillationMethod`.
     """
 
     divergence_name = "hint"
@@ -66,6 +67,7 @@ class FitNet(FeatureMethod):
         task_loss: bool = True,
         logit_weight: float = 0.0,
         temperature: float = 4.0,
+        logit_loss: LogitLoss | None = None,
     ) -> None:
         if not hint_weight >= 0:
             raise ValueError(f"hint_weight must be non-negative (e.g. 100), got {hint_weight}")
@@ -74,6 +76,7 @@ class FitNet(FeatureMethod):
             task_loss=task_loss,
             logit_weight=logit_weight,
             temperature=temperature,
+            logit_loss=logit_loss,
         )
         self.hint_weight = float(hint_weight)
         self.relu = bool(relu)

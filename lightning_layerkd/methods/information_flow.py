@@ -27,6 +27,7 @@ from lightning_layerkd.methods.base import (
     register_method,
 )
 from lightning_layerkd.methods.features import forward_recording
+from lightning_layerkd.methods.logit_losses import LogitLoss
 
 
 @register_method("information_flow")
@@ -45,7 +46,7 @@ class InformationFlow(DistillationMethod):
             ``layerkd-train`` builds and trains it; in the Python API, pass that network as the
             module's teacher.
         map_weight: ``lambda``, the weight of eq. 9's sum.
-        task_loss, logit_weight, temperature: see :class:`DistillationMethod`.
+        task_loss, logit_weight, temperature, logit_loss: see :class:`DistillationMethod`.
     """
 
     divergence_name = "pkt"
@@ -63,8 +64,14 @@ class InformationFlow(DistillationMethod):
         task_loss: bool = True,
         logit_weight: float = 0.0,
         temperature: float = 4.0,
+        logit_loss: LogitLoss | None = None,
     ) -> None:
-        super().__init__(task_loss=task_loss, logit_weight=logit_weight, temperature=temperature)
+        super().__init__(
+            task_loss=task_loss,
+            logit_weight=logit_weight,
+            temperature=temperature,
+            logit_loss=logit_loss,
+        )
         check_choice("kernel", kernel, LOSS_KERNELS)
         check_choice("reduction", reduction, REDUCTIONS)
         if critical_period is not None:

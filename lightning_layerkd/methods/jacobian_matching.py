@@ -20,6 +20,7 @@ from lightning_layerkd.methods.base import (
     Networks,
     register_method,
 )
+from lightning_layerkd.methods.logit_losses import LogitLoss
 
 
 @register_method("jacobian_matching")
@@ -34,8 +35,8 @@ class JacobianMatching(DistillationMethod):
         norm_penalty_weight: weight of Prop. 2's Jacobian-norm penalty (their Table 2).
         map_weight: ``lambda``, the weight of eq. 10's terms (output and layers) together.
         map_target: ``"label"`` (the true class) or ``"teacher"`` (its arg-max, label-free).
-        task_loss, logit_weight, temperature: see :class:`DistillationMethod`; their Table 1
-            has rows with and without the cross-entropy.
+        task_loss, logit_weight, temperature, logit_loss: see :class:`DistillationMethod`;
+            their Table 1 has rows with and without the cross-entropy.
     """
 
     divergence_name = "jacobian_matching"
@@ -52,8 +53,14 @@ class JacobianMatching(DistillationMethod):
         task_loss: bool = True,
         logit_weight: float = 0.0,
         temperature: float = 4.0,
+        logit_loss: LogitLoss | None = None,
     ) -> None:
-        super().__init__(task_loss=task_loss, logit_weight=logit_weight, temperature=temperature)
+        super().__init__(
+            task_loss=task_loss,
+            logit_weight=logit_weight,
+            temperature=temperature,
+            logit_loss=logit_loss,
+        )
         for name, value in (
             ("output_weight", output_weight),
             ("activation_weight", activation_weight),

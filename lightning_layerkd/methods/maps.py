@@ -33,6 +33,7 @@ from lightning_layerkd.methods.base import (
     Networks,
     register_method,
 )
+from lightning_layerkd.methods.logit_losses import LogitLoss
 
 #: ``(student, teacher)`` maps of one crucial layer pair on a common support.
 MapPair = tuple[Tensor, Tensor]
@@ -45,7 +46,7 @@ class MapMethod(DistillationMethod):
         map_weight: ``lambda`` of eqs. 2, 4 and 6, the weight of the summed map losses.
         map_target: derivative maps differentiate the log-probability of the true class
             (``"label"``) or of the teacher's arg-max class (``"teacher"``, label-free).
-        task_loss, logit_weight, temperature: see :class:`DistillationMethod`.
+        task_loss, logit_weight, temperature, logit_loss: see :class:`DistillationMethod`.
     """
 
     kind: ClassVar[MapKind] = "attention"
@@ -60,8 +61,14 @@ class MapMethod(DistillationMethod):
         task_loss: bool = True,
         logit_weight: float = 0.0,
         temperature: float = 4.0,
+        logit_loss: LogitLoss | None = None,
     ) -> None:
-        super().__init__(task_loss=task_loss, logit_weight=logit_weight, temperature=temperature)
+        super().__init__(
+            task_loss=task_loss,
+            logit_weight=logit_weight,
+            temperature=temperature,
+            logit_loss=logit_loss,
+        )
         if map_weight < 0:
             raise ValueError(f"map_weight must be non-negative, got {map_weight}")
         check_choice("map_target", map_target, ("label", "teacher"))
@@ -180,7 +187,8 @@ class _DerivativeMaps(MapMethod):
             energies in decreasing order (invariant to permutations of channels, which do not
             change a network's function) or ``"index"`` channel by channel
             (:func:`~lightning_layerkd.functional.maps.match_maps`).
-        map_weight, map_target, task_loss, logit_weight, temperature: see :class:`MapMethod`.
+        map_weight, map_target, task_loss, logit_weight, temperature, logit_loss: see
+            :class:`MapMethod`.
     """
 
     needs_autograd = True
@@ -195,6 +203,7 @@ class _DerivativeMaps(MapMethod):
         task_loss: bool = True,
         logit_weight: float = 0.0,
         temperature: float = 4.0,
+        logit_loss: LogitLoss | None = None,
     ) -> None:
         super().__init__(
             map_weight=map_weight,
@@ -202,6 +211,7 @@ class _DerivativeMaps(MapMethod):
             task_loss=task_loss,
             logit_weight=logit_weight,
             temperature=temperature,
+            logit_loss=logit_loss,
         )
         check_choice("wrt", wrt, WRTS)
         check_choice("weight_alignment", weight_alignment, WEIGHT_ALIGNMENTS)
@@ -270,8 +280,8 @@ class HessianMaps(_DerivativeMaps):
             ``None``: 4 for ``wrt="weight"`` (lifts the signal-to-noise ratio on the benchmark
             pair from 2.8 to 4.6) and 1 for ``"activation"`` (5.5 at one probe, no gain from
             more); ``benchmarks/RESULTS.md``.
-        wrt, weight_alignment, map_weight, map_target, task_loss, logit_weight, temperature:
-            see :class:`JacobianMaps`.
+        wrt, weight_alignment, map_weight, map_target, task_loss, logit_weight, temperature,
+            logit_loss: see :class:`JacobianMaps`.
     """
 
     kind = "hessian"
@@ -288,6 +298,7 @@ class HessianMaps(_DerivativeMaps):
         task_loss: bool = True,
         logit_weight: float = 0.0,
         temperature: float = 4.0,
+        logit_loss: LogitLoss | None = None,
     ) -> None:
         super().__init__(
             wrt=wrt,
@@ -297,6 +308,7 @@ class HessianMaps(_DerivativeMaps):
             task_loss=task_loss,
             logit_weight=logit_weight,
             temperature=temperature,
+            logit_loss=logit_loss,
         )
         for name, probes in (("num_probes", num_probes), ("teacher_probes", teacher_probes)):
             if probes is not None and probes < 1:

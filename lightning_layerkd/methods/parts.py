@@ -1,6 +1,6 @@
 """A method's learnt parts (FitNet's regressors, CRD's heads and banks, ReviewKD's fusion):
 the container the module owns and the layers' output shapes they are sized from
-(docs/design.md section 10); their param groups are built by
+(docs/design.md section 11); their param groups are built by
 :func:`~lightning_layerkd.param_groups.add_to_param_groups`."""
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from lightning_layerkd.functional.maps import feature_grid
 from lightning_layerkd.functional.review import hierarchical_context_loss
 from lightning_layerkd.methods.base import LearntParts, Networks, register_method
 from lightning_layerkd.methods.features import FeatureMethod
+from lightning_layerkd.methods.logit_losses import LogitLoss
 
 
 class AttentionFusion(nn.Module):
@@ -56,7 +57,7 @@ class ReviewKD(FeatureMethod):
     Args:
         review_weight: the weight of the summed HCL terms (1 in their CIFAR experiments).
         mid_channels: the channels of the fused features.
-        task_loss, logit_weight, temperature: see :class:`DistillationMethod`.
+        task_loss, logit_weight, temperature, logit_loss: see :class:`DistillationMethod`.
     """
 
     divergence_name = "hcl"
@@ -71,6 +72,7 @@ class ReviewKD(FeatureMethod):
         task_loss: bool = True,
         logit_weight: float = 0.0,
         temperature: float = 4.0,
+        logit_loss: LogitLoss | None = None,
     ) -> None:
         if not review_weight >= 0:
             raise ValueError(f"review_weight must be non-negative (e.g. 1), got {review_weight}")
@@ -83,6 +85,7 @@ class ReviewKD(FeatureMethod):
             task_loss=task_loss,
             logit_weight=logit_weight,
             temperature=temperature,
+            logit_loss=logit_loss,
         )
         self.review_weight = float(review_weight)
         self.mid_channels = mid_channels

@@ -43,6 +43,9 @@ GROUPS = {
 }
 from tests.helpers.app import TINY, TINY_ANY_METHOD, config  # noqa: E402
 
+# Kokane et al.'s presets; cifar100_standard is the distillation tables' recipe
+PAPER_PRESETS = [p for p in GROUPS["experiment"] if p.endswith(("_table1", "_table2"))]
+
 
 def write_arrays(folder: Path) -> Path:
     """A small generated image set in the arrays layout (uint8 HWC, 4 classes)."""
@@ -60,7 +63,12 @@ def test_groups_ship_the_paper_rows():
     assert GROUPS["optimizer"] == ["adamw", "sgd"]
     assert GROUPS["schedule"] == ["critical_period", "layerwise", "multistep", "none"]
     assert {"digits", "cifar10", "cifar100", "coco", "arrays"} <= set(GROUPS["dataset"])
-    assert GROUPS["experiment"] == ["cifar100_table1", "cifar10_table1", "coco_table2"]
+    assert GROUPS["experiment"] == [
+        "cifar100_standard",
+        "cifar100_table1",
+        "cifar10_table1",
+        "coco_table2",
+    ]
 
 
 def test_defaults_are_the_best_measured_row():
@@ -75,7 +83,7 @@ def test_defaults_are_the_best_measured_row():
     assert cfg.schedule.name == "multistep" and cfg.schedule.layerwise is None
     cheap = instantiate(config("method=attention_logits").method)
     assert (cheap.label, cheap.logit_weight, cheap.temperature) == ("attention+logits", 1.0, 4.0)
-    for preset in GROUPS["experiment"]:
+    for preset in PAPER_PRESETS:
         paper = config(f"experiment={preset}")
         assert instantiate(paper.method).label == "attention"
         assert paper.schedule.name == "layerwise"
@@ -157,7 +165,7 @@ def test_trainer_logger_method_optimizer_callback_options_compose_and_build(opti
         assert cfg.logger is None
 
 
-@pytest.mark.parametrize("option", GROUPS["experiment"])
+@pytest.mark.parametrize("option", PAPER_PRESETS)
 def test_experiment_presets_carry_the_paper_settings(option):
     cfg = config(f"experiment={option}")
     assert cfg.every_n_epochs == 25
@@ -166,6 +174,49 @@ def test_experiment_presets_carry_the_paper_settings(option):
         assert cfg.model.teacher.depth == 18 and cfg.model.student.depth == 10
     else:
         assert cfg.epochs == 100 and cfg.model.student._target_.endswith("resnet34")
+
+
+def test_standard_recipe_preset_carries_the_tables_settings():
+    cfg = config("experiment=cifar100_standard")
+    assert (cfg.epochs, cfg.teacher_epochs, cfg.lr, cfg.weight_decay) == (240, 240, 0.05, 5e-4)
+    assert (list(cfg.milestones), cfg.lr_decay, cfg.dataset.batch_size) == (
+        [150, 180, 210],
+        0.1,
+        64,
+    )
+    assert cfg.dataset._target_.endswith("Cifar100DataModule") and cfg.optimizer.momentum == 0.9
+    assert cfg.model.teacher._target_.endswith("resnet32x4")
+    assert cfg.model.student._target_.endswith("resnet8x4")
+    assert cfg.schedule.name == "multistep" and instantiate(cfg.method).label == "dkd"
+    pairs = {
+        "cifar_wrn_40_2_wrn_16_2": ("wrn_40_2", "wrn_16_2"),
+        "cifar_resnet56_resnet20": ("resnet56", "resnet20"),
+    }
+    for pair, (teacher, student) in pairs.items():
+        other = config("experiment=cifar100_standard", f"model={pair}").model
+        assert other.teacher._target_ == f"lightning_layerkd.models.{teacher}"
+        assert other.student._target_ == f"lightning_layerkd.models.{student}"
+
+
+@pytest.mark.slow
+def test_standard_recipe_preset_runs_one_short_epoch(tmp_path, cache):
+    """The preset's networks (resnet32x4 -> resnet8x4) and recipe, on CPU, 48 8x8 images."""
+    data = write_arrays(tmp_path / "data")
+    overrides = (
+        "experiment=cifar100_standard",
+        "dataset=arrays",
+        f"dataset.data_dir={data}",
+        "trainer=cpu",
+        "epochs=1",
+        "teacher_epochs=1",
+        "milestones=[1]",
+        "limit_val_batches=1",
+        "trainer.enable_progress_bar=false",
+        "logger=none",
+    )
+    results = run(config(*overrides), tmp_path / "run")
+    assert results["method"] == "dkd" and results["layer_pairs"] == []
+    assert results["teacher"]["val_acc"] is not None and 0 <= results["student"]["val_acc"] <= 1
 
 
 @pytest.mark.parametrize(
@@ -239,6 +290,22 @@ def test_logit_distillation_run_and_its_term_on_a_feature_method(tmp_path, share
     assert results["method_options"]["logit_weight"] == 0.5
     (metrics,) = (tmp_path / "b").rglob("metrics.csv")
     assert "train/logit_loss" in metrics.read_text().splitlines()[0]
+
+
+def test_a_logit_loss_composes_with_a_feature_method_from_one_override(tmp_path, shared_cache):
+    """method=attention method/logit_loss=dist: attention maps plus DIST, each term logged."""
+    cfg = config("method=attention", "method/logit_loss=dkd", "method.logit_loss.standardize=true")
+    method = instantiate(cfg.method)
+    assert method.label == "attention+dkd+ls" and method.logit_term.beta == 8.0
+    assert instantiate(config("method=dkd", "method.standardize=true").method).label == "dkd+ls"
+    assert instantiate(config("method=dist").method).label == "dist"
+    overrides = ("method/logit_loss=dist", "logger=csv", "trainer.log_every_n_steps=1")
+    results = run(config(*TINY, *overrides), tmp_path)
+    assert results["method"] == "attention+dist"
+    assert results["method_options"]["logit_loss"]["_target_"].endswith("DISTLoss")
+    (metrics,) = tmp_path.rglob("metrics.csv")
+    header = metrics.read_text().splitlines()[0].split(",")
+    assert {"train/dist_inter", "train/dist_intra", "train/map_loss"} <= set(header)
 
 
 def test_teacher_is_trained_once_then_loaded_from_cache(tmp_path, cache):

@@ -20,6 +20,7 @@ from lightning_layerkd.app.runs import run_dir_lock
 from lightning_layerkd.app.train import ConfigError, run
 from lightning_layerkd.guards import NonFiniteLossError
 from tests.helpers.app import TINY, TINY_ANY_METHOD, config
+from tests.helpers.coco import make_coco_fixture
 
 
 @pytest.mark.parametrize(
@@ -294,6 +295,57 @@ def test_method_logit_weight_is_checked(tmp_path):
 
     with pytest.raises(ConfigError, match=r"^method.logit_weight must be finite and non-negat"):
         check_config(config(*TINY, "method=logits", "schedule=none", "method.logit_weight=-0.5"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ("method/logit_loss=dkd", "method.logit_loss.beta=-1"),
+            "method.logit_loss.beta must be finite and non-negative",
+        ),
+        (
+            ("method/logit_loss=dist", "method.logit_loss.temperature=0"),
+            "method.logit_loss.temperature must be finite and greater than 0",
+        ),
+        (("method=dkd", "method.alpha=-0.5"), "method.alpha must be finite and non-negative"),
+        (("method=dist", "method.temperature=0"), "method.temperature must be finite and greater"),
+        (
+            ("method=dkd", "method/logit_loss=dist"),
+            "method options ['logit_loss'] are not options of DecoupledKD",
+        ),
+        (
+            ("method=attention_logits", "method/logit_loss=dkd"),
+            "invalid method settings: Error in call to target",
+        ),
+        (
+            ("method/logit_loss=dkd", "method.logit_loss.warmup_epochs=-2"),
+            "invalid method settings: Error in call to target",
+        ),
+    ],
+)
+def test_bad_logit_loss_options_are_refused_by_name(overrides, message):
+    from lightning_layerkd.app.checks import check_config
+
+    with pytest.raises(ConfigError) as err:
+        check_config(config(*TINY, "schedule=none", *overrides))
+    assert str(err.value).startswith(message)
+    if "attention_logits" in overrides:
+        assert "both add a logit loss" in str(err.value)
+    if "method.logit_loss.warmup_epochs=-2" in overrides:
+        assert "warmup_epochs must be >= 0, got -2" in str(err.value)
+
+
+@pytest.mark.parametrize("overrides", [("method=dkd",), ("method/logit_loss=dist",)])
+def test_a_multiclass_logit_loss_on_multilabel_data_fails_before_the_teacher(
+    overrides, tmp_path, cache
+):
+    ann, images = make_coco_fixture(tmp_path)
+    coco = ["dataset=coco", *(f"dataset.annotation_file_{s}={ann}" for s in ("train", "val"))]
+    coco += [f"dataset.image_dir_{s}={images}" for s in ("train", "val")]
+    with pytest.raises(ConfigError, match="^method and dataset: .* not 'multilabel'"):
+        run(config(*TINY, "schedule=none", *coco, *overrides), tmp_path / "run")
+    assert not list(cache.rglob("*.pt"))  # no teacher was trained
 
 
 @pytest.mark.parametrize(

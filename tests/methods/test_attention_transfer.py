@@ -124,3 +124,26 @@ def test_built_by_name_with_the_papers_defaults():
     assert isinstance(method, AttentionTransfer)
     assert (method.beta, method.p, method.feature_weight) == (1000.0, 2.0, 500.0)
     assert method.label == "attention_transfer"
+
+
+def test_a_feature_method_composes_with_any_logit_loss():
+    """AttentionTransfer(logit_loss=DKDLoss()): the DKD terms join the attention-transfer term,
+    equal to the loss object's own terms on the same logits; the per-layer terms are unchanged."""
+    from lightning_layerkd.methods import DKDLoss
+
+    torch.manual_seed(0)
+    teacher, student = resnet(18, CLASSES, width=8).eval(), resnet(10, CLASSES, width=4)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, CLASSES, (4,))
+    dkd = DKDLoss(warmup_epochs=0)
+    alone = DistillationModule(teacher, student, method="attention_transfer", num_classes=CLASSES)
+    composed = DistillationModule(
+        teacher, student, method=AttentionTransfer(logit_loss=dkd), num_classes=CLASSES
+    )
+    a = alone.distillation_terms(x, y, create_graph=False)
+    c = composed.distillation_terms(x, y, create_graph=False)
+    want = dkd(c.logits, c.teacher_logits, y, task="multiclass", epoch=0)
+    assert set(c.losses) == {"at_loss", *want}
+    for key, value in want.items():
+        torch.testing.assert_close(c.losses[key], value)
+    torch.testing.assert_close(c.losses["at_loss"], a.losses["at_loss"])
+    assert composed.method.label != alone.method.label

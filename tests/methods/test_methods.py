@@ -190,7 +190,7 @@ def test_logit_loss_is_logged_in_a_fit(tmp_path):
 
 # ---------------------------------------------------------------------- the registry
 def test_method_names_start_with_the_builtin_methods_in_table_order():
-    assert method_names()[:11] == [
+    assert method_names()[:13] == [
         "attention",
         "jacobian",
         "hessian",
@@ -201,6 +201,8 @@ def test_method_names_start_with_the_builtin_methods_in_table_order():
         "crd",
         "review_kd",
         "logits",
+        "dkd",
+        "dist",
         "none",
     ]
     assert method_class("hessian").__name__ == "HessianMaps"
@@ -374,6 +376,7 @@ def test_options_and_repr():
     assert LogitDistillation(logit_weight=2.0).options() == {
         "logit_weight": 2.0,
         "temperature": 4.0,
+        "standardize": False,
         "task_loss": True,
     }
 
@@ -389,6 +392,7 @@ def test_options_of_a_subclass_forwarding_kwargs_include_the_parents():
         "task_loss": True,
         "logit_weight": 0.0,
         "temperature": 2.0,
+        "logit_loss": None,
     }
 
 
