@@ -445,7 +445,7 @@ def test_a_dataset_with_one_class_exits_2_naming_it(tmp_path, cache):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["method=attention_transfer", "method.beta=-1"], "beta must be non-negative"),
+        (["method=attention_transfer", "method.beta=-1"], "method.beta must be finite and non-neg"),
         (["method=attention_transfer", "method.p=0"], "p must be positive"),
         (["method=fitnet", "method.hint_weight=-2"], "method.hint_weight must be finite"),
     ],
