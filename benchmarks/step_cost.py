@@ -14,9 +14,10 @@ with the optimizer from ``module.configure_optimizers()`` (SGD, momentum 0.9, we
 * ``attention``, ``jacobian-weight``, ``jacobian-activation``, ``hessian-weight``,
   ``hessian-activation``: ``DistillationModule`` with that ``method`` and ``wrt`` on the four
   crucial pairs ``layer1``..``layer4``;
-* ``jacobian_matching``, ``information_flow``: the two seed methods with their default
-  options on the same four pairs (a configuration that this version of ``DistillationModule``
-  rejects is listed as skipped with the error it raised);
+* ``jacobian_matching``, ``information_flow``, ``fitnet``, ``attention_transfer``, ``crd``
+  (a bank of 10,000 rows), ``review_kd``: those methods with their default options on the same
+  four pairs (a configuration that this version of ``DistillationModule`` rejects is listed as
+  skipped with the error it raised);
 * ``jacobian_matching/output`` (eq. 10 on the output alone, no crucial layers) and
   ``jacobian_matching/layer1`` .. ``layer4`` (the output plus that one layer): the terms of
   Jacobian matching, each with its own step cost;
@@ -154,12 +155,18 @@ CONFIGS: dict[str, Config] = {
             for i in range(1, 5)
         ),
         Config("information_flow", "information_flow"),
+        Config("fitnet", "fitnet"),
+        Config("attention_transfer", "attention_transfer"),
+        Config("crd", "crd"),
+        Config("review_kd", "review_kd"),
         Config("logits", "logits"),
         Config("dkd", "dkd"),
         Config("dist", "dist"),
         Config("dkd+ls", "dkd", options=(("standardize", True),)),
     )
 }
+#: CRD's memory bank: one row per training sample (the strong-teacher benchmark's CIFAR-100)
+CRD_SAMPLES = 10_000
 
 #: the issue's targets: CPU, paper pair, batch 32, wrt=weight; config -> max ratio to floor
 TARGETS = {"attention": 1.05, "jacobian-weight": 2.0, "hessian-weight": 3.0}
@@ -224,6 +231,8 @@ def build_step(
         kwargs: dict[str, Any] = {"layers": config.layers, "num_classes": NUM_CLASSES}
         try:  # may be a method this version lacks
             options: dict[str, Any] = {"wrt": config.wrt} if config.wrt is not None else {}
+            if method_class(config.method).needs_sample_indices:
+                options["num_samples"] = CRD_SAMPLES
             kwargs["method"] = method_class(config.method)(**options, **dict(config.options))
             if not kwargs["method"].uses_layers:  # the logit methods: no crucial layers
                 kwargs["layers"] = []
@@ -235,7 +244,12 @@ def build_step(
     optimizers = module.configure_optimizers()
     optimizer = optimizers["optimizer"] if isinstance(optimizers, dict) else optimizers
     floor_teacher = teacher if config.floor else None
-    batch = (x, y)
+    # sample indices for a method with a bank of the training set (CRD), else none
+    batch = (
+        (x, y, torch.arange(len(x), device=x.device))
+        if module.method.needs_sample_indices
+        else (x, y)
+    )
     bf16 = precision == "bf16"
 
     def step() -> None:

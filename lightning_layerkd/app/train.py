@@ -173,6 +173,8 @@ def _run(cfg: DictConfig, root: Path) -> dict[str, Any]:
     logger = build_logger(cfg, ckpt_path)  # a resumed run continues its CSV and wandb run
     callbacks.append(FlushLogsOnCheckpoint())
     trainer = build_trainer(cfg, cfg.epochs, root, callbacks, logger)
+    # the student's batches carry sample indices for a method with a bank of the training set
+    datamodule.sample_indices = method.needs_sample_indices
     make_loader = datamodule.train_dataloader  # the student's: its generators are resumed
     datamodule.train_dataloader = lambda: history.restore(make_loader())
     try:

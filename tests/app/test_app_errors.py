@@ -455,3 +455,18 @@ def test_a_dataset_with_one_class_exits_2_naming_it(tmp_path, cache):
     assert out.returncode == 2, out.stderr[-2000:]
     assert "its labels hold 1 class; a classifier" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["method=attention_transfer", "method.beta=-1"], "method.beta must be finite and non-neg"),
+        (["method=attention_transfer", "method.p=0"], "p must be positive"),
+        (["method=fitnet", "method.hint_weight=-2"], "method.hint_weight must be finite"),
+    ],
+)
+def test_feature_method_options_are_refused_by_name(overrides, message):
+    from lightning_layerkd.app.checks import check_config
+
+    with pytest.raises(ConfigError, match=message):
+        check_config(config(*TINY_ANY_METHOD, *overrides))
