@@ -36,12 +36,18 @@ jm_longer() {
   run --dataset cifar100 --out $R/cifar100_e45 --epochs 45 --every-n-epochs 5 --lrs 0.4 \
     --configs jacobian_matching hessian-activation/constant hessian-activation/relative-0.5
 }
+jm_terms() {  # issue 28: which of Jacobian matching's terms carry its gain (the output alone,
+  # the output plus one crucial layer); the output plus all four is the jacobian_matching row
+  run --dataset cifar100 --out $R/cifar100 --lrs 0.4 --configs jacobian_matching/output \
+    jacobian_matching/layer1 jacobian_matching/layer2 jacobian_matching/layer3 \
+    jacobian_matching/layer4
+}
 jm_full_data() {
   run --dataset cifar100 --out $R/cifar100_full --train-images 50000 --lrs 0.4 --seeds 0 1 \
     --configs jacobian_matching
 }
 
-stages=("${@:-own_rate longer full_data jm_own_rate jm_longer jm_full_data}")
+stages=("${@:-own_rate longer full_data jm_terms jm_own_rate jm_longer jm_full_data}")
 for stage in ${stages[*]}; do
   echo "== $stage $(date -u +%FT%TZ)"
   "$stage"

@@ -14,9 +14,13 @@ with the optimizer from ``module.configure_optimizers()`` (SGD, momentum 0.9, we
 * ``attention``, ``jacobian-weight``, ``jacobian-activation``, ``hessian-weight``,
   ``hessian-activation``: ``DistillationModule`` with that ``method`` and ``wrt`` on the four
   crucial pairs ``layer1``..``layer4``;
-* ``jacobian_matching``, ``information_flow``: the two seed methods with their default
-  options on the same four pairs (a configuration that this version of ``DistillationModule``
-  rejects is listed as skipped with the error it raised);
+* ``jacobian_matching``, ``information_flow``, ``fitnet``, ``attention_transfer``, ``crd``
+  (a bank of 10,000 rows), ``review_kd``: those methods with their default options on the same
+  four pairs (a configuration that this version of ``DistillationModule`` rejects is listed as
+  skipped with the error it raised);
+* ``jacobian_matching/output`` (eq. 10 on the output alone, no crucial layers) and
+  ``jacobian_matching/layer1`` .. ``layer4`` (the output plus that one layer): the terms of
+  Jacobian matching, each with its own step cost;
 * ``logits``, ``dkd``, ``dist``, ``dkd+ls``: the logit methods (Hinton's KD, decoupled KD,
   DIST, DKD with logit standardization) at their defaults, no crucial layers.
 
@@ -29,6 +33,9 @@ own copy of the same initial networks; after ``--warmup`` steps each, ``--repeat
 one step of every configuration (the order rotates each round), so a change in machine load
 hits every configuration alike. Each step is timed with ``time.perf_counter`` (after
 ``torch.cuda.synchronize`` on CUDA); the table gives the median and the interquartile range.
+On a machine that others load, ``--clock cpu`` times each step by the process's CPU time
+(``time.process_time``, core-seconds; with ``--threads 1`` a step's work on one core), which
+other processes do not inflate the way they inflate wall time.
 
 Aten ops per step (``--ops profile``, the default; ``--ops none`` skips it): after the warm-up,
 ``--ops-steps`` further steps of every configuration run one at a time under
@@ -121,6 +128,12 @@ class Config:
     wrt: str | None = None  # derivative maps: "weight" or "activation"
     floor: bool = False  # add a teacher forward under no_grad
     options: tuple[tuple[str, Any], ...] = ()  # further method options
+    #: the crucial pairs by stage number (1 -> ``layer1``); ``None``: all four (``LAYERS``)
+    stages: tuple[int, ...] | None = None
+
+    @property
+    def layers(self) -> list[tuple[str, str]]:
+        return LAYERS if self.stages is None else [LAYERS[i - 1] for i in self.stages]
 
 
 CONFIGS: dict[str, Config] = {
@@ -134,13 +147,26 @@ CONFIGS: dict[str, Config] = {
         Config("hessian-weight", "hessian", "weight"),
         Config("hessian-activation", "hessian", "activation"),
         Config("jacobian_matching", "jacobian_matching"),
+        # Jacobian matching's terms (issue 28): eq. 10 on the output alone, the output plus one
+        # crucial layer's attention pixel, and (``jacobian_matching``) the output plus all four
+        Config("jacobian_matching/output", "jacobian_matching", stages=()),
+        *(
+            Config(f"jacobian_matching/layer{i}", "jacobian_matching", stages=(i,))
+            for i in range(1, 5)
+        ),
         Config("information_flow", "information_flow"),
+        Config("fitnet", "fitnet"),
+        Config("attention_transfer", "attention_transfer"),
+        Config("crd", "crd"),
+        Config("review_kd", "review_kd"),
         Config("logits", "logits"),
         Config("dkd", "dkd"),
         Config("dist", "dist"),
         Config("dkd+ls", "dkd", options=(("standardize", True),)),
     )
 }
+#: CRD's memory bank: one row per training sample (the strong-teacher benchmark's CIFAR-100)
+CRD_SAMPLES = 10_000
 
 #: the issue's targets: CPU, paper pair, batch 32, wrt=weight; config -> max ratio to floor
 TARGETS = {"attention": 1.05, "jacobian-weight": 2.0, "hessian-weight": 3.0}
@@ -202,9 +228,11 @@ def build_step(
     if config.method == "none":
         module = DistillationModule(None, student, method="none", num_classes=NUM_CLASSES)
     else:
-        kwargs: dict[str, Any] = {"layers": LAYERS, "num_classes": NUM_CLASSES}
+        kwargs: dict[str, Any] = {"layers": config.layers, "num_classes": NUM_CLASSES}
         try:  # may be a method this version lacks
             options: dict[str, Any] = {"wrt": config.wrt} if config.wrt is not None else {}
+            if method_class(config.method).needs_sample_indices:
+                options["num_samples"] = CRD_SAMPLES
             kwargs["method"] = method_class(config.method)(**options, **dict(config.options))
             if not kwargs["method"].uses_layers:  # the logit methods: no crucial layers
                 kwargs["layers"] = []
@@ -216,7 +244,12 @@ def build_step(
     optimizers = module.configure_optimizers()
     optimizer = optimizers["optimizer"] if isinstance(optimizers, dict) else optimizers
     floor_teacher = teacher if config.floor else None
-    batch = (x, y)
+    # sample indices for a method with a bank of the training set (CRD), else none
+    batch = (
+        (x, y, torch.arange(len(x), device=x.device))
+        if module.method.needs_sample_indices
+        else (x, y)
+    )
     bf16 = precision == "bf16"
 
     def step() -> None:
@@ -238,13 +271,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], device: torch.device) -> float:
-    """Seconds taken by ``fn()``, device work included."""
+#: ``--clock``: wall time, or this process's CPU time (core-seconds: on a shared machine, what a
+#: step costs whatever else competes for the cores; CPU only)
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed(fn: Callable[[], Any], device: torch.device, clock: str = "wall") -> float:
+    """Seconds taken by ``fn()``, device work included, on ``clock``."""
+    now = CLOCKS[clock]
     synchronize(device)
-    start = time.perf_counter()
+    start = now()
     fn()
     synchronize(device)
-    return time.perf_counter() - start
+    return now() - start
 
 
 def _has_aten_ancestor(event: Any) -> bool:
@@ -319,7 +358,7 @@ def time_cell(
         gc.collect()
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            seconds[name].append(timed(steps[name], device))
+            seconds[name].append(timed(steps[name], device, args.clock))
         print(f"  {pair} b{batch_size}: round {r + 1}/{args.repeats}", file=sys.stderr)
     del steps
     gc.collect()
@@ -603,7 +642,12 @@ def markdown(result: dict[str, Any]) -> str:
         + f"; torch {info['torch']}; {info['torch_threads']} thread(s); "
         f"{info['cpu_count']} CPUs; load average at start {info['load_average_start']}",
         f"- {settings['repeats']} timed rounds after {settings['warmup']} warm-up steps per "
-        "configuration, interleaved; median and interquartile range of single steps",
+        "configuration, interleaved; median and interquartile range of single steps; clock: "
+        + (
+            "the process's CPU time (time.process_time)"
+            if settings.get("clock") == "cpu"
+            else "wall time"
+        ),
         f"- precision: {settings.get('precision', '32')}"
         + (
             " (forward under torch.autocast, bfloat16)"
@@ -711,6 +755,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--clock",
+        choices=list(CLOCKS),
+        default="wall",
+        help="cpu: time each step by the process's CPU time (a loaded machine; CPU only)",
+    )
+    parser.add_argument(
         "--precision",
         choices=["32", "bf16"],
         default="32",
@@ -738,6 +788,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--repeats and --ops-steps must be >= 1 and --warmup >= 0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
+    if args.clock == "cpu" and not args.device.startswith("cpu"):
+        parser.error("--clock cpu times CPU work only; use --clock wall with --device cuda")
     return args
 
 

@@ -34,7 +34,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer, seed_everythin
 from torch.utils.data import DataLoader
 
 from lightning_layerkd import DistillationModule, LayerwiseLRCallback
-from lightning_layerkd.data import ArrayImageDataset, RandomCropFlip
+from lightning_layerkd.data import ArrayImageDataset, IndexedDataset, RandomCropFlip
 from lightning_layerkd.methods import DISTLoss, DKDLoss, method_class
 from lightning_layerkd.models import resnet
 from lightning_layerkd.param_groups import named_param_groups, scale_param_group
@@ -92,11 +92,28 @@ def _configs() -> dict[str, dict[str, Any]]:
         "hessian-activation": {"method": "hessian", "wrt": "activation"},
         "hessian-weight": {"method": "hessian", "wrt": "weight"},
     }
+    features = {  # feature methods with per-layer terms (issue 30), their papers' weights
+        "fitnet": {"method": "fitnet"},
+        "attention_transfer": {"method": "attention_transfer"},
+        "crd": {"method": "crd"},
+        "review_kd": {"method": "review_kd"},
+    }
+    feature_schedules = ("constant", "relative-0.5", "map-weight-0.5")
     configs: dict[str, dict[str, Any]] = {
         "student": {"method": "none"},
         "logits": {"method": "logits", "logit_weight": LOGIT_WEIGHT},
-        "jacobian_matching": {"method": "jacobian_matching"},
+        "jacobian_matching": {"method": "jacobian_matching"},  # the output and layer1..layer4
         "information_flow": {"method": "information_flow", "auxiliary": True},
+        # which of Jacobian matching's terms carry its gain (issue 28): eq. 10 on the output
+        # alone, and the output plus one crucial layer's attention pixel (section 6.3.2)
+        "jacobian_matching/output": {"method": "jacobian_matching", "layers": []},
+        **{
+            f"jacobian_matching/layer{i}": {
+                "method": "jacobian_matching",
+                "layers": [(f"layer{i}", f"layer{i}")],
+            }
+            for i in range(1, 5)
+        },
         # the logit methods of the CIFAR-100 tables, at their papers' defaults (design.md 10)
         "dkd": {"method": "dkd", "warmup_epochs": DKD_WARMUP},
         "dist": {"method": "dist"},
@@ -117,11 +134,14 @@ def _configs() -> dict[str, dict[str, Any]]:
     for method, options in maps.items():
         for schedule, how in schedules.items():
             configs[f"{method}/{schedule}"] = {**options, **how}
+    for method, options in features.items():
+        for schedule in feature_schedules:
+            configs[f"{method}/{schedule}"] = {**options, **schedules[schedule]}
     return configs
 
 
 CONFIGS = _configs()
-_NOT_OPTIONS = ("method", "callback", "fixed")
+_NOT_OPTIONS = ("method", "callback", "fixed", "layers")
 
 
 class FixedFactors(Callback):
@@ -197,6 +217,10 @@ def run_one(args: argparse.Namespace, name: str, lr: float, seed: int) -> dict[s
     train_set = ArrayImageDataset(
         images, labels, regime.mean, regime.std, RandomCropFlip(4), seed=seed
     )
+    options = {k: v for k, v in config.items() if k not in _NOT_OPTIONS}
+    method = method_class(config["method"])(**options)
+    if method.needs_sample_indices:  # CRD's memory bank: batches (images, labels, indices)
+        train_set = IndexedDataset(train_set)
     train = DataLoader(
         train_set, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(seed)
     )
@@ -219,8 +243,6 @@ def run_one(args: argparse.Namespace, name: str, lr: float, seed: int) -> dict[s
 
     start, cpu_start = time.perf_counter(), time.process_time()
     teacher = None if config["method"] == "none" else _load_teacher(args, regime)
-    options = {k: v for k, v in config.items() if k not in _NOT_OPTIONS}
-    method = method_class(config["method"])(**options)
     record: dict[str, Any] = {}
     if options.get("auxiliary"):  # Passalis et al. 3.2: the student at twice the width first
         auxiliary = resnet(10, num_classes=regime.num_classes, width=16)
@@ -229,7 +251,7 @@ def run_one(args: argparse.Namespace, name: str, lr: float, seed: int) -> dict[s
         teacher = auxiliary.requires_grad_(False)
         seed_everything(seed, workers=True)
     student = resnet(10, num_classes=regime.num_classes, width=8)
-    distiller = module(teacher, student, method)
+    distiller = module(teacher, student, method, config.get("layers", "auto"))
     callbacks: list[Callback] = []
     if "callback" in config:
         callbacks.append(

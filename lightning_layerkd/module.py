@@ -29,10 +29,17 @@ from lightning_layerkd.layers.specs import (
     normalise_layers,
     resolve_module,
 )
-from lightning_layerkd.methods import DistillationMethod, MapMethod, MethodOutput, Networks
+from lightning_layerkd.methods import (
+    DistillationMethod,
+    LearntParts,
+    MapMethod,
+    MethodOutput,
+    Networks,
+)
 from lightning_layerkd.methods.base import build_method
+from lightning_layerkd.methods.parts import Shapes, hooked_shapes
 from lightning_layerkd.metrics import LayerMeans, task_loss, task_metrics
-from lightning_layerkd.param_groups import BASE_GROUP, crucial_param_groups
+from lightning_layerkd.param_groups import BASE_GROUP, add_to_param_groups, crucial_param_groups
 
 __all__ = ["BASE_GROUP", "DistillationModule", "LayerSpec"]
 
@@ -67,6 +74,33 @@ def first_batch(trainer: Any, stage: str) -> Any:
     if isinstance(loader, (list, tuple)):
         loader = loader[0] if loader else None
     return None if loader is None else next(iter(loader))
+
+
+def batch_indices(batch: Any) -> Tensor | None:
+    """The samples' indices in the training set: the third entry of an ``(inputs, targets,
+    indices)`` batch (:class:`~lightning_layerkd.data.IndexedDataset`), else ``None``."""
+    if isinstance(batch, (list, tuple)) and len(batch) >= 3 and isinstance(batch[2], Tensor):
+        return batch[2]
+    return None
+
+
+def train_set_size(trainer: Any) -> int | None:
+    """The number of samples of the training set the trainer will use (all ranks together),
+    or ``None`` if its loader has no sized dataset."""
+    datamodule: Any = getattr(trainer, "datamodule", None)
+    dataset = getattr(datamodule, "train_set", None)  # an ImageDataModule after setup
+    if dataset is None:
+        if datamodule is not None:
+            loader = datamodule.train_dataloader()
+        else:
+            loader = trainer.fit_loop._data_source.dataloader()
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0] if loader else None
+        dataset = getattr(loader, "dataset", None)
+    try:
+        return len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 class DistillationModule(LightningModule):
@@ -166,6 +200,11 @@ class DistillationModule(LightningModule):
             self.layer_pairs = normalise_layers(layers, allow_empty=self.method.allows_no_layers)
         self._student_hooks: FeatureHooks | None = None
         self._teacher_hooks: FeatureHooks | None = None
+        #: the method's learnt parts (:meth:`DistillationMethod.build_parts`), once built
+        self.method_parts: LearntParts | None = None
+        self._part_shapes: (
+            tuple[list[tuple[int, ...]], list[tuple[int, ...]], int | None] | None
+        ) = None
 
         self.val_metrics = task_metrics(task, num_classes).clone(prefix="val/")
         self.val_jsd = LayerMeans()
@@ -213,7 +252,35 @@ class DistillationModule(LightningModule):
             self._teacher_hooks = self._make_hooks(self.teacher, 1, x, "teacher")
             for name in self.layer_names:  # created before fit moves the module to its device
                 self.val_jsd.metric(name)
+        if self.method.has_parts and self.method_parts is None:
+            self._build_parts(x)
         return list(self.layer_pairs)
+
+    def _build_parts(self, x: Tensor | None) -> None:
+        """Build the method's learnt parts from the hooked layers' output shapes on ``x``."""
+        if x is None:
+            raise ValueError(
+                f"{type(self.method).__name__} sizes its learnt parts from the crucial layers' "
+                "outputs: pass example_input=..., or fit with a train dataloader"
+            )
+        assert self.teacher is not None and self._student_hooks and self._teacher_hooks
+        student = hooked_shapes(self.student, self._student_hooks, x)
+        teacher = hooked_shapes(self.teacher, self._teacher_hooks, x)
+        size = None
+        if self.method.needs_sample_indices and self._trainer is not None:
+            size = train_set_size(self._trainer)
+        self._make_parts(student, teacher, x.device, size)
+
+    def _make_parts(
+        self, student: Shapes, teacher: Shapes, device: torch.device, size: int | None = None
+    ) -> None:
+        parts = self.method.build_parts(student, teacher, size)
+        if parts is not None:
+            dtype = next(
+                (p.dtype for p in self.student.parameters() if p.is_floating_point()), None
+            )
+            self.method_parts = parts.to(device=device, dtype=dtype)
+            self._part_shapes = (student, teacher, size)
 
     def _make_hooks(
         self, model: nn.Module | None, side: int, x: Tensor | None, role: str
@@ -238,7 +305,8 @@ class DistillationModule(LightningModule):
         if stage not in ("fit", "validate"):  # test/predict need only the student
             return
         x = self.example_input
-        if x is None and (self.layer_pairs is None or self.method.inspects_pairs):
+        needs_batch = self.method.inspects_pairs or self.method.has_parts
+        if x is None and (self.layer_pairs is None or needs_batch):
             x = self._example_from_data(stage)
         self.resolve_layers(x)
 
@@ -288,10 +356,13 @@ class DistillationModule(LightningModule):
         """``l_1`` of eq. 1 (:func:`~lightning_layerkd.metrics.task_loss`)."""
         return task_loss(logits, target, self.task)
 
-    def distillation_terms(self, x: Tensor, y: Tensor, *, create_graph: bool) -> MethodOutput:
+    def distillation_terms(
+        self, x: Tensor, y: Tensor, *, create_graph: bool, indices: Tensor | None = None
+    ) -> MethodOutput:
         """The method's output for one batch: student and teacher logits, per-layer
-        per-sample divergences and named loss terms (resolving the layers first if needed)."""
-        nets = self._networks(x)
+        per-sample divergences and named loss terms (resolving the layers first if needed);
+        ``indices``: the samples' indices in the training set, for methods that need them."""
+        nets = self._networks(x, indices)
         try:
             return self.method(nets, x, y, create_graph=create_graph)
         except CrucialLayerError as err:
@@ -303,14 +374,16 @@ class DistillationModule(LightningModule):
                 f"{format_candidates(trace_feature_maps(model, x[:2]))}"
             ) from err
 
-    def _networks(self, x: Tensor) -> Networks:
+    def _networks(self, x: Tensor, indices: Tensor | None = None) -> Networks:
         if self.method.uses_layers:
             self.resolve_layers(x)
         epoch = self.current_epoch if self._trainer is not None else 0
         hooks = (self._student_hooks, self._teacher_hooks)
         names = tuple(self.layer_names)
-        weights = self.layer_loss_weights
-        return Networks(self.student, self.teacher, *hooks, names, self.task, epoch, weights)
+        weights, parts = self.layer_loss_weights, self.method_parts
+        return Networks(
+            self.student, self.teacher, *hooks, names, self.task, epoch, weights, parts, indices
+        )
 
     def set_layer_loss_weights(self, weights: dict[str, float]) -> None:
         """Weight each crucial layer's term of the layer loss: ``lambda * sum_j w_j mean_i
@@ -320,7 +393,8 @@ class DistillationModule(LightningModule):
             raise ValueError(
                 f"{type(self.method).__name__} has no per-layer loss terms to weight; "
                 "per-layer weights (LayerwiseLRCallback(target='map_weight')) work with the "
-                "map methods and InformationFlow; use target='lr'"
+                "map methods, InformationFlow and the feature methods (FitNet, AttentionTransfer, "
+                "CRD, ReviewKD); use target='lr'"
             )
         self.layer_loss_weights = check_layer_weights(weights, self.layer_names)
 
@@ -348,7 +422,7 @@ class DistillationModule(LightningModule):
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         x, y = self.unpack_batch(batch)
-        out = self.distillation_terms(x, y, create_graph=True)
+        out = self.distillation_terms(x, y, create_graph=True, indices=batch_indices(batch))
         task_loss = self.task_loss(out.logits, y)
         task_weight = 1.0 if self.method.task_loss else 0.0
         loss = task_weight * task_loss + sum(out.losses.values(), x.new_zeros(()))
@@ -402,14 +476,26 @@ class DistillationModule(LightningModule):
     def param_groups(self) -> list[dict[str, Any]]:
         """One param group per student crucial module (named by its path) plus ``"base"``;
         every trainable student parameter is in exactly one group (docs/design.md section 2)."""
-        if self.layer_pairs is None:
+        if self.layer_pairs is None or (self.method.has_parts and self.method_parts is None):
             self.resolve_layers(self.example_input)
-        return crucial_param_groups(self.student, self.layer_names)
+        groups = crucial_param_groups(self.student, self.layer_names)
+        if self.method_parts is None:
+            return groups
+        parts = self.method_parts  # a layer's learnt parts learn at that layer's rate
+        owners = [*self.layer_names, BASE_GROUP]
+        modules = [*parts.per_layer, parts.shared]
+        return add_to_param_groups(groups, zip(owners, modules, strict=True))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["layerkd_layer_pairs"] = self.layer_pairs
+        if self._part_shapes is not None:
+            checkpoint["layerkd_part_shapes"] = self._part_shapes
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        shapes = checkpoint.get("layerkd_part_shapes")
+        if shapes is not None and self.method_parts is None:  # e.g. load_from_checkpoint
+            student, teacher = ([tuple(s) for s in side] for side in shapes[:2])
+            self._make_parts(student, teacher, self.device, shapes[2] if len(shapes) > 2 else None)
         saved = [tuple(pair) for pair in checkpoint.get("layerkd_layer_pairs") or []]
         if not saved:
             return

@@ -34,6 +34,21 @@ def crucial_param_groups(model: nn.Module, names: Sequence[str]) -> list[dict[st
     return groups
 
 
+def add_to_param_groups(
+    groups: list[dict[str, Any]], extra: Iterable[tuple[str, nn.Module]]
+) -> list[dict[str, Any]]:
+    """``groups`` with each ``(name, module)``'s trainable parameters added to the group of that
+    name (a new group if there is none): a method's learnt parts join their crucial layer's
+    group, shared ones :data:`BASE_GROUP` (docs/design.md section 11)."""
+    by_name = {group["name"]: group for group in groups}
+    for name, module in extra:
+        if name not in by_name:
+            by_name[name] = {"name": name, "params": []}
+            groups.append(by_name[name])
+        by_name[name]["params"].extend(p for p in module.parameters() if p.requires_grad)
+    return groups
+
+
 def named_param_groups(optimizers: Iterable[Optimizer]) -> dict[str, list[tuple[Optimizer, int]]]:
     """The param groups that carry a ``"name"``, by name: ``[(optimizer, group index), ...]``."""
     named: dict[str, list[tuple[Optimizer, int]]] = {}

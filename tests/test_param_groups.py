@@ -99,3 +99,16 @@ def test_swa_lr_is_composed_once_then_scaled_with_the_group() -> None:
     assert group["swa_lr"] == group[SWA_MARK] == pytest.approx(0.12)
     group["swa_lr"] = 0.02  # a rebuilt SWALR writes its own value again: composed anew
     assert compose_swa_lrs(named, {"a": 3.0}) == pytest.approx({"a": 0.06})
+
+
+def test_add_to_param_groups_puts_each_modules_parameters_in_its_named_group():
+    from lightning_layerkd.param_groups import add_to_param_groups
+
+    torch.manual_seed(0)
+    a, b, frozen = torch.nn.Linear(2, 2), torch.nn.Linear(2, 3), torch.nn.Linear(2, 2)
+    frozen.requires_grad_(False)
+    groups = [{"name": "layer1", "params": [torch.nn.Parameter(torch.zeros(1))]}]
+    out = add_to_param_groups(groups, [("layer1", a), ("base", b), ("layer1", frozen)])
+    assert out is groups and [g["name"] for g in out] == ["layer1", "base"]
+    assert [p.shape for p in out[0]["params"]] == [(1,), (2, 2), (2,)]  # frozen ones left out
+    assert {id(p) for p in out[1]["params"]} == {id(p) for p in b.parameters()}

@@ -308,7 +308,6 @@ def check_config(cfg: DictConfig) -> DistillationMethod:
     check_finite(cfg)
     check_built_options(cfg)
     check_trainer(cfg)
-    layer_spec(cfg.layers)
     try:
         method = method_from_config(cfg)
     except ConfigError:
@@ -329,6 +328,7 @@ def check_config(cfg: DictConfig) -> DistillationMethod:
             "teacher_cache_dir is empty: set it to a folder (teacher_cache_dir=<folder>), or "
             "leave it out for $LAYERKD_CACHE/teachers"
         )
+    layer_spec(cfg.layers, allow_empty=method.allows_no_layers)
     layerwise = cfg.schedule.get("layerwise")
     if layerwise is not None and int(cfg.every_n_epochs) > int(cfg.epochs):
         raise ConfigError(
@@ -365,14 +365,15 @@ def check_config(cfg: DictConfig) -> DistillationMethod:
     return method
 
 
-def layer_spec(layers: Any) -> Any:
+def layer_spec(layers: Any, allow_empty: bool = False) -> Any:
     """``"auto"`` or ``(student, teacher)`` pairs from the config's ``layers``: a list of paths
-    present in both networks or of ``[student, teacher]`` pairs."""
+    present in both networks or of ``[student, teacher]`` pairs; ``layers=[]`` where the method
+    allows no layers (``allow_empty``: Jacobian matching's output term alone)."""
     if layers == "auto":
         return "auto"
     spec = OmegaConf.to_container(layers) if OmegaConf.is_config(layers) else layers
     try:
-        return normalise_layers(spec)  # type: ignore[arg-type]
+        return normalise_layers(spec, allow_empty=allow_empty)  # type: ignore[arg-type]
     except ValueError as err:
         raise ConfigError(
             f"layers={layers!r} is not a layer list ({err}); use layers=auto, "

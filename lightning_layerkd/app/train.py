@@ -131,7 +131,7 @@ def _run(cfg: DictConfig, root: Path) -> dict[str, Any]:
     teacher, student = _model(cfg.model.teacher, datamodule), _model(cfg.model.student, datamodule)
     example = next(iter(datamodule.train_dataloader()))[0]
     auxiliary = _auxiliary_model(cfg, datamodule) if getattr(method, "auxiliary", False) else None
-    layers: Any = layer_spec(cfg.layers)
+    layers: Any = layer_spec(cfg.layers, allow_empty=method.allows_no_layers)
     if method.uses_layers:  # bad layer paths fail here, before any training
         source = auxiliary if auxiliary is not None else teacher
         layers = check_layers(method, source, student, layers, example, cfg.num_crucial_layers)
@@ -177,6 +177,8 @@ def _run(cfg: DictConfig, root: Path) -> dict[str, Any]:
     logger = build_logger(cfg, ckpt_path)  # a resumed run continues its CSV and wandb run
     callbacks.append(FlushLogsOnCheckpoint())
     trainer = build_trainer(cfg, cfg.epochs, root, callbacks, logger)
+    # the student's batches carry sample indices for a method with a bank of the training set
+    datamodule.sample_indices = method.needs_sample_indices
     make_loader = datamodule.train_dataloader  # the student's: its generators are resumed
     datamodule.train_dataloader = lambda: history.restore(make_loader())
     try:

@@ -6,8 +6,9 @@ Every datamodule yields batches ``(images, targets)`` with ``images`` float32 ``
 as soon as it is constructed, so that models can be built before the Trainer starts.
 
 Train loaders shuffle with a ``torch.Generator`` seeded by ``seed`` (so a run is reproducible);
-validation and test loaders do not shuffle. Nothing here downloads unless asked to
-(``download=True`` on the CIFAR modules).
+validation and test loaders do not shuffle. With ``sample_indices = True`` (set by the app for
+CRD) train batches are ``(images, targets, indices)`` (:class:`IndexedDataset`). Nothing here
+downloads unless asked to (``download=True`` on the CIFAR modules).
 """
 
 from lightning_layerkd._common import Task
@@ -18,6 +19,7 @@ from .base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageDataModule,
+    IndexedDataset,
     RandomCropFlip,
     ReseedableDataset,
     SubsetSpec,
@@ -38,6 +40,7 @@ __all__ = [
     "ArraysDataModule",
     "Cifar10DataModule",
     "Cifar100DataModule",
+    "IndexedDataset",
     "CifarDataModule",
     "CocoDataModule",
     "CocoMultiLabelDataset",

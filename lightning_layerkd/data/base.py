@@ -140,6 +140,9 @@ class ImageDataModule(LightningDataModule):
         self.seed = seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        #: training batches carry each sample's index, ``(inputs, targets, indices)``
+        #: (:class:`IndexedDataset`), for methods with a memory bank of the training set (CRD)
+        self.sample_indices = False
         self._fingerprint: dict[str, Any] | None = None
 
     def data_fingerprint(self) -> dict[str, Any]:
@@ -170,6 +173,8 @@ class ImageDataModule(LightningDataModule):
             self.setup("fit")
             dataset = self.train_set if train else self.val_set
         assert dataset is not None
+        if train and self.sample_indices:
+            dataset = IndexedDataset(dataset)
         size = len(dataset)  # type: ignore[arg-type]
         return DataLoader(
             dataset,
@@ -223,3 +228,18 @@ class RandomCropFlip:
         if torch.rand((), generator=generator) < 0.5:
             image = image.flip(-1)
         return image.contiguous()
+
+
+class IndexedDataset(Dataset):
+    """``(*item, index)``: a dataset's items with each sample's index in it, what a method with
+    a memory bank of the training set needs (CRD)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        item = self.dataset[index]
+        return (*item, index) if isinstance(item, tuple) else (item, index)

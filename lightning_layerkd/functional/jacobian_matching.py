@@ -301,6 +301,8 @@ class LayerJacobians(NamedTuple):
     output: Tensor
     #: per hooked layer, as :func:`attention_pixel_jacobian`.
     pixels: list[PixelJacobian]
+    #: Prop. 2's penalty of the same pass, as :func:`jacobian_norm_penalty` (``norm_penalty``).
+    norm_penalty: Tensor | None = None
 
 
 def layer_jacobians(
@@ -313,6 +315,7 @@ def layer_jacobians(
     window: int | tuple[int, int] | None = None,
     stride: int | tuple[int, int] = 1,
     create_graph: bool = False,
+    norm_penalty: bool = False,
 ) -> LayerJacobians:
     """:func:`input_jacobian` and, for every layer ``hooks`` sits on,
     :func:`attention_pixel_jacobian`, all from one forward pass of ``model``.
@@ -321,12 +324,17 @@ def layer_jacobians(
     and a backward each; the values are those of the separate calls (with batch norm in
     training mode, the running statistics are updated once). ``teacher`` is the teacher's
     result: its pixels are used, layer by layer, and the student's pooled maps must match.
+    ``norm_penalty`` (needs ``create_graph``) adds Prop. 2's penalty over all ``K`` logits,
+    :func:`jacobian_norm_penalty` with ``target=None``, from the same forward pass: ``K`` more
+    backward passes, but no second forward (nor its backward in the training step).
     """
     if teacher is not None and len(teacher.pixels) != len(hooks.modules):
         raise ValueError(
             f"the teacher has {len(teacher.pixels)} hooked layers, this model "
             f"{len(hooks.modules)}; pair them one to one"
         )
+    if norm_penalty and not create_graph:
+        raise ValueError("norm_penalty=True needs create_graph=True: the penalty trains the model")
     # the student's Jacobians are differentiated again: convolutions with a native double backward
     lean = LeanAutograd(tangents=False, double_backward=True)
     active = lean if create_graph else nullcontext()
@@ -344,21 +352,28 @@ def layer_jacobians(
             )
             scalars.append(picked)
             chosen.append((index, pooled))
+        if norm_penalty:  # Prop. 2: one row of the full K x D Jacobian per logit
+            scalars += [logits[:, k].sum() for k in range(logits.shape[1])]
+        last = len(scalars) - 1
         jacobians = [
             lean.grad(
-                scalar,
-                [x],
-                create_graph=create_graph,
-                retain_graph=create_graph or k < len(scalars) - 1,
+                scalar, [x], create_graph=create_graph, retain_graph=create_graph or k < last
             )[0]
             for k, scalar in enumerate(scalars)
         ]
+    penalty = None
+    if norm_penalty:
+        rows = jacobians[1 + len(chosen) :]
+        total = x.new_zeros(x.shape[0], dtype=torch.promote_types(x.dtype, torch.float32))
+        for j in rows:
+            total = total + at_least_float32(j).flatten(1).square().sum(dim=1)
+        penalty = total.mean()
     out_logits = logits if create_graph else logits.detach()
     pixels = [
         PixelJacobian(logits=out_logits, jacobian=j, pixel=index, pooled=pooled)
-        for j, (index, pooled) in zip(jacobians[1:], chosen, strict=True)
+        for j, (index, pooled) in zip(jacobians[1 : 1 + len(chosen)], chosen, strict=True)
     ]
-    return LayerJacobians(out_logits, jacobians[0], pixels)
+    return LayerJacobians(out_logits, jacobians[0], pixels, penalty)
 
 
 def _check_index(teacher_pixel: Tensor | PixelJacobian, pooled: Tensor, path: str) -> Tensor:

@@ -28,6 +28,7 @@ from lightning_layerkd._common import Task
 from lightning_layerkd.layers.discovery import find_crucial_layers
 from lightning_layerkd.layers.hooks import FeatureHooks
 from lightning_layerkd.methods.logit_losses import KDLoss, LogitLoss
+from lightning_layerkd.methods.parts import LearntParts
 
 
 class MethodOutput(NamedTuple):
@@ -52,8 +53,10 @@ class MethodOutput(NamedTuple):
 @dataclass(frozen=True)
 class Networks:
     """What a method sees of the module for one batch: both networks, the forward hooks on
-    the modules it asked for, the crucial layers' names, the task, the epoch and each layer's
-    weight in the layer loss (absent: 1; see ``DistillationMethod.supports_layer_weights``)."""
+    the modules it asked for, the crucial layers' names, the task, the epoch, each layer's
+    weight in the layer loss (absent: 1; see ``DistillationMethod.supports_layer_weights``),
+    the method's learnt parts and the batch's sample indices in the training set (training
+    batches that carry them; see ``DistillationMethod.needs_sample_indices``)."""
 
     student: nn.Module
     teacher: nn.Module | None
@@ -63,6 +66,8 @@ class Networks:
     task: Task = "multiclass"
     epoch: int = 0
     layer_weights: Mapping[str, float] = field(default_factory=dict)
+    parts: LearntParts | None = None
+    indices: Tensor | None = None
 
 
 class DistillationMethod:
@@ -75,7 +80,10 @@ class DistillationMethod:
     ``allows_no_layers`` (an empty layer list is valid), ``needs_autograd`` (derivatives
     of the inputs or features, so validation runs with autograd on) and
     ``supports_layer_weights`` (:meth:`compute` multiplies each layer's loss term by
-    ``nets.layer_weights[layer]``, which ``LayerwiseLRCallback(target="map_weight")`` sets).
+    ``nets.layer_weights[layer]``, which ``LayerwiseLRCallback(target="map_weight")`` sets) and
+    ``has_parts`` (:meth:`build_parts` builds learnt parts, which :meth:`compute` finds in
+    ``nets.parts``) and ``needs_sample_indices`` (training batches must carry each sample's
+    index in the training set, ``nets.indices``, and :meth:`build_parts` gets the set's size).
 
     Args:
         task_loss: add the task loss (cross-entropy, ``l_1`` of eq. 1) to the method's terms.
@@ -95,6 +103,8 @@ class DistillationMethod:
     allows_no_layers: ClassVar[bool] = False
     needs_autograd: ClassVar[bool] = False
     supports_layer_weights: ClassVar[bool] = False
+    has_parts: ClassVar[bool] = False
+    needs_sample_indices: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -166,6 +176,18 @@ class DistillationMethod:
         """The module to hook for the crucial layer ``path`` of ``model``, with its path; the
         layer itself unless overridden (e.g. its conversion convolution)."""
         return path, module
+
+    def build_parts(
+        self,
+        student_shapes: Sequence[tuple[int, ...]],
+        teacher_shapes: Sequence[tuple[int, ...]],
+        num_samples: int | None = None,
+    ) -> LearntParts | None:
+        """The method's learnt parts for crucial layers whose hooked outputs have, per sample,
+        these shapes (the layers' order); ``None`` for a method without any. ``num_samples``:
+        the training set's size, when the module knows it. Called once the layers are known,
+        before the optimizer is built, and again from a checkpoint's shapes."""
+        return None
 
     @property
     def inspects_pairs(self) -> bool:

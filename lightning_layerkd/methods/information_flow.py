@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from functools import partial
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_layerkd._common import check_choice
 from lightning_layerkd.functional.information_flow import (
@@ -20,13 +20,13 @@ from lightning_layerkd.functional.information_flow import (
     pkt_loss,
     weighted_sum,
 )
-from lightning_layerkd.layers.hooks import FeatureHooks
 from lightning_layerkd.methods.base import (
     DistillationMethod,
     MethodOutput,
     Networks,
     register_method,
 )
+from lightning_layerkd.methods.features import forward_recording
 from lightning_layerkd.methods.logit_losses import LogitLoss
 
 
@@ -93,8 +93,8 @@ class InformationFlow(DistillationMethod):
     def compute(self, nets: Networks, x: Tensor, y: Tensor, *, create_graph: bool) -> MethodOutput:
         assert nets.teacher is not None and nets.teacher_hooks and nets.student_hooks
         with torch.no_grad():
-            t_logits, t_feats = _forward_recording(nets.teacher, nets.teacher_hooks, x)
-        logits, s_feats = _forward_recording(nets.student, nets.student_hooks, x)
+            t_logits, t_feats = forward_recording(nets.teacher, nets.teacher_hooks, x)
+        logits, s_feats = forward_recording(nets.student, nets.student_hooks, x)
         pkt = partial(pkt_loss, kernel=self.kernel, reduction=self.reduction)
         names = nets.layer_names
         losses = [pkt(s, t) for s, t in zip(s_feats, t_feats, strict=True)]
@@ -108,12 +108,3 @@ class InformationFlow(DistillationMethod):
             name: loss.expand(x.shape[0]) for name, loss in zip(names, losses, strict=True)
         }
         return MethodOutput(logits, t_logits, divergences, {"map_loss": self.map_weight * total})
-
-
-def _forward_recording(
-    model: nn.Module, hooks: FeatureHooks, x: Tensor
-) -> tuple[Tensor, list[Tensor]]:
-    """Logits and the hooked layers' outputs of one forward pass."""
-    with hooks.record() as recording:
-        logits = model(x)
-        return logits, hooks.outputs(recording)

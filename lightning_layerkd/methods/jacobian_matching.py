@@ -7,11 +7,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from lightning_layerkd._common import check_choice
-from lightning_layerkd.functional.derivatives import running_stats_kept
 from lightning_layerkd.functional.jacobian_matching import (
     activation_matching_loss,
     jacobian_matching_loss,
-    jacobian_norm_penalty,
     layer_jacobians,
 )
 from lightning_layerkd.methods.base import (
@@ -41,6 +39,7 @@ class JacobianMatching(DistillationMethod):
 
     divergence_name = "jacobian_matching"
     needs_autograd = True
+    allows_no_layers = True  # eq. 10 on the output alone
 
     def __init__(
         self,
@@ -77,14 +76,23 @@ class JacobianMatching(DistillationMethod):
         self.map_target = map_target
 
     def compute(self, nets: Networks, x: Tensor, y: Tensor, *, create_graph: bool) -> MethodOutput:
-        assert nets.teacher is not None and nets.teacher_hooks and nets.student_hooks
+        assert nets.teacher is not None
+        assert nets.teacher_hooks is not None and nets.student_hooks is not None
         label_free = self.map_target == "teacher"
         # one forward per network serves the logits, the output's and every layer's Jacobian
+        # and (student, training) Prop. 2's penalty
         teacher = layer_jacobians(nets.teacher, x, nets.teacher_hooks, None if label_free else y)
         t_logits, j_teacher = teacher.logits, teacher.output
         target = t_logits.argmax(1) if label_free else y
+        penalty = bool(self.norm_penalty_weight) and create_graph
         student = layer_jacobians(
-            nets.student, x, nets.student_hooks, target, teacher, create_graph=create_graph
+            nets.student,
+            x,
+            nets.student_hooks,
+            target,
+            teacher,
+            create_graph=create_graph,
+            norm_penalty=penalty,
         )
         logits, j_student = student.logits, student.output
         divergences = {
@@ -100,8 +108,6 @@ class JacobianMatching(DistillationMethod):
             losses["activation_matching"] = self.activation_weight * activation_matching_loss(
                 logits, t_logits
             )  # Prop. 1
-        if self.norm_penalty_weight and create_graph:
-            with running_stats_kept(nets.student):
-                _, penalty = jacobian_norm_penalty(nets.student, x)  # Prop. 2
-            losses["jacobian_norm"] = self.norm_penalty_weight * penalty
+        if student.norm_penalty is not None:  # Prop. 2
+            losses["jacobian_norm"] = self.norm_penalty_weight * student.norm_penalty
         return MethodOutput(logits, t_logits.detach(), divergences, losses)

@@ -220,7 +220,18 @@ def test_standard_recipe_preset_runs_one_short_epoch(tmp_path, cache):
 
 
 @pytest.mark.parametrize(
-    "method", ["attention", "jacobian", "hessian", "jacobian_matching", "information_flow"]
+    "method",
+    [
+        "attention",
+        "jacobian",
+        "hessian",
+        "jacobian_matching",
+        "information_flow",
+        "fitnet",
+        "attention_transfer",
+        "crd",
+        "review_kd",
+    ],
 )
 @pytest.mark.parametrize("schedule", ["none", "multistep", "layerwise"])
 def test_digits_run_writes_results(method, schedule, tmp_path, shared_cache):
@@ -260,7 +271,9 @@ def test_digits_run_writes_results(method, schedule, tmp_path, shared_cache):
     assert "crucial layers" in format_result(results)
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
     # the method names its divergence; the metric keys and the report follow it
-    name = {"jacobian_matching": "jacobian_matching", "information_flow": "pkt"}.get(method, "jsd")
+    names = {"information_flow": "pkt", "fitnet": "hint", "attention_transfer": "at"}
+    names.update(crd="crd", review_kd="hcl")
+    name = {"jacobian_matching": "jacobian_matching", **names}.get(method, "jsd")
     assert written["divergence_name"] == name
     assert f"val/{name}/layer1" in written["student"]["history"][-1]
     _, rows = divergence_table([written])

@@ -20,7 +20,7 @@ from lightning_layerkd.app.report import main as report_main
 from lightning_layerkd.app.runs import run_dir_lock
 from lightning_layerkd.app.train import ConfigError, run
 from lightning_layerkd.guards import NonFiniteLossError
-from tests.helpers.app import TINY, config
+from tests.helpers.app import TINY, TINY_ANY_METHOD, config
 from tests.helpers.coco import make_coco_fixture
 
 
@@ -39,6 +39,21 @@ def test_config_mistakes_name_the_key_and_the_fix(override, message, tmp_path, c
     with pytest.raises(ConfigError, match=message):
         run(config(*TINY, override), tmp_path)
     assert list(cache.rglob("*.pt")) == []
+
+
+def test_an_empty_layer_list_is_for_methods_that_allow_it():
+    """layers=[] is Jacobian matching's output term alone; a map method needs a layer."""
+    from lightning_layerkd.app.checks import check_config
+
+    check_config(config(*TINY_ANY_METHOD, "method=jacobian_matching", "layers=[]"))
+    with pytest.raises(ConfigError, match=r"layers=\[\] is not a layer list \(layers is empty"):
+        check_config(config(*TINY, "layers=[]"))
+
+
+def test_jacobian_matching_on_the_output_alone_runs(tmp_path, shared_cache):
+    results = run(config(*TINY_ANY_METHOD, "method=jacobian_matching", "layers=[]"), tmp_path)
+    assert results["layer_pairs"] == []
+    assert results["student"]["val_acc"] is not None
 
 
 def test_a_list_of_paths_pairs_each_with_itself(tmp_path, shared_cache):
@@ -603,3 +618,18 @@ def test_the_report_never_averages_runs_with_different_settings_as_seeds():
     ]
     _, rows = table([run(0.1, 0, 0.7), run(0.1, 1, 0.8)])  # seeds only: one row, averaged
     assert rows[0] == ["Jacobian", "Layerwise Update", "75.00 ± 7.07 (n=2)"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["method=attention_transfer", "method.beta=-1"], "method.beta must be finite and non-neg"),
+        (["method=attention_transfer", "method.p=0"], "p must be positive"),
+        (["method=fitnet", "method.hint_weight=-2"], "method.hint_weight must be finite"),
+    ],
+)
+def test_feature_method_options_are_refused_by_name(overrides, message):
+    from lightning_layerkd.app.checks import check_config
+
+    with pytest.raises(ConfigError, match=message):
+        check_config(config(*TINY_ANY_METHOD, *overrides))

@@ -41,7 +41,9 @@ def assert_same(got: Any, want: Any, where: str = "") -> None:
         assert got == want, where
 
 
-@pytest.mark.parametrize("method", ["attention", "hessian"])
+@pytest.mark.parametrize(
+    "method", ["attention", "hessian", pytest.param("crd", marks=pytest.mark.slow)]
+)
 def test_killed_run_resumed_with_ckpt_path_last_matches_the_straight_run(
     tmp_path: Path, cache: Path, method: str
 ) -> None:
@@ -49,7 +51,9 @@ def test_killed_run_resumed_with_ckpt_path_last_matches_the_straight_run(
     ``ckpt_path=last`` in the same run directory (the teacher from the cache both times): the
     same learning rates, eta, factors and layer-wise history, the same validation accuracy of
     every epoch (results.json reports all three), and no ``last-v1.ckpt``. Hessian maps draw
-    Hutchinson probes from torch's generator, whose state the resumed fit gets back too."""
+    Hutchinson probes from torch's generator, whose state the resumed fit gets back too; CRD's
+    heads and memory banks come back from the checkpoint, its shuffled batches carry sample
+    indices, and its negatives are drawn from the step."""
     overrides = [*THREE, f"method={method}"]
     straight = run(config(*overrides), tmp_path / "straight")
     run_dir = tmp_path / "killed"

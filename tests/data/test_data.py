@@ -561,3 +561,22 @@ def test_links_that_cannot_be_followed_are_named_as_such(tmp_path) -> None:
         f"x_test.npy is a link that cannot be followed (it points to {tmp_path / 'gone.npy'}"
         in message
     )
+
+
+def test_sample_indices_add_each_samples_index_to_train_batches_only():
+    from lightning_layerkd.data import DigitsDataModule, IndexedDataset
+    from lightning_layerkd.module import batch_indices
+
+    dm = DigitsDataModule(batch_size=16, image_size=8)
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    dm.sample_indices = True
+    xi, yi, idx = next(iter(dm.train_dataloader()))
+    assert torch.equal(xi, x) and torch.equal(yi, y)  # the same shuffle, the same samples
+    assert dm.train_set is not None
+    for k in range(len(idx)):  # each index names its sample in the training set
+        image, label = dm.train_set[int(idx[k])]
+        assert int(label) == int(yi[k])
+    assert batch_indices((xi, yi, idx)) is idx and batch_indices((x, y)) is None
+    assert len(next(iter(dm.val_dataloader()))) == 2
+    assert IndexedDataset(dm.train_set)[3][2] == 3

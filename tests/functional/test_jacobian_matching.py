@@ -380,3 +380,12 @@ def test_hooks_are_removed_also_after_errors(teacher, student, x):
         attention_pixel_jacobian(teacher, x, teacher[3])  # Flatten
     assert hook_count() == 0
     assert sum(len(m._forward_hooks) for m in student.modules()) == 0
+
+
+def test_layer_jacobians_norm_penalty_needs_the_graph(teacher, x):
+    hooks = FeatureHooks([], [])
+    with pytest.raises(ValueError, match="norm_penalty=True needs create_graph=True"):
+        layer_jacobians(teacher, x, hooks, norm_penalty=True)
+    penalty = layer_jacobians(teacher, x, hooks, create_graph=True, norm_penalty=True).norm_penalty
+    assert penalty is not None
+    torch.testing.assert_close(penalty, jacobian_norm_penalty(teacher, x)[1])
