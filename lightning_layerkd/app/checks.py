@@ -281,7 +281,10 @@ def check_some_loss(method: DistillationMethod) -> None:
         if k.endswith("weight") and isinstance(v, (int, float)) and not isinstance(v, bool)
     }
     own = {k: v for k, v in weights.items() if k not in ("map_weight", "logit_weight")}
-    distils = weights.get("map_weight", 0.0) > 0 and (not own or any(v > 0 for v in own.values()))
+    scaled = weights.get("map_weight", 1.0) > 0  # map_weight scales the method's own terms
+    # its own terms: their weights where it names them, else its layer term if it has layers
+    has_terms = any(v > 0 for v in own.values()) if own else bool(method.uses_layers)
+    distils = scaled and has_terms
     term = getattr(method, "logit_term", None)  # a logit loss, its weight or its own (DKD)
     logit = float(getattr(term, "weight", 1.0)) if term is not None else 0.0
     logit = max(logit, weights.get("logit_weight", 0.0))
