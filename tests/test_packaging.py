@@ -36,7 +36,14 @@ def test_pyproject_lists_every_package_of_the_tree() -> None:
         if folder.is_dir() and folder.name != "__pycache__"
     }
     assert "lightning_layerkd.conf.method" in configs
-    assert set(SETUPTOOLS["packages"]) == found | configs
+    plugins = {  # Hydra's namespace: the app's launcher, registered
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for init in (ROOT / "hydra_plugins").rglob("__init__.py")
+        if "__pycache__" not in init.parts
+    }
+    assert plugins == {"hydra_plugins.layerkd_launcher"}
+    assert not (ROOT / "hydra_plugins" / "__init__.py").exists()  # a namespace, shared
+    assert set(SETUPTOOLS["packages"]) == found | configs | plugins | {"hydra_plugins"}
 
 
 def test_the_configs_package_is_the_top_level_conf_folder() -> None:

@@ -21,6 +21,7 @@ from torch import nn
 
 from . import signals
 from .logs import get_logger
+from .safe_files import load_tensors
 from .teacher import EpochHistory, atomic_write, build_trainer
 
 log = get_logger(__name__)
@@ -44,7 +45,7 @@ def train_or_restore_auxiliary(
     its metadata for results.json (``restored: true`` when restored). It is frozen after."""
     weights, meta_path = auxiliary_files(root)
     if resume and weights.is_file() and meta_path.is_file():
-        auxiliary.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        auxiliary.load_state_dict(load_tensors(weights))
         meta = json.loads(meta_path.read_text())
         log.info(f"auxiliary network restored from {weights}")
         auxiliary.requires_grad_(False)

@@ -13,11 +13,15 @@ import importlib.resources
 import inspect
 import logging
 import math
+import types
+import typing
+from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -85,6 +89,108 @@ def check_values(cfg: DictConfig) -> None:
             )
 
 
+def _leaves(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(dotted key, value)`` of every leaf of a plain config tree."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _leaves(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(tree, list):
+        for index, value in enumerate(tree):
+            yield from _leaves(value, f"{prefix}[{index}]")
+    else:
+        yield prefix, tree
+
+
+def check_finite(cfg: DictConfig) -> None:
+    """Every float of the config (any group, any depth) finite: ``nan`` or ``inf`` is a
+    mistake wherever it is (``method.temperature=nan`` would train, then diverge)."""
+    tree = OmegaConf.to_container(cfg, resolve=False)  # an interpolation: its source is checked
+    for key, value in _leaves(tree):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(
+                f"{key} must be a finite number, got {value}: set {key}=<a finite number> (its "
+                "default is in conf/)"
+            )
+
+
+def _fits(value: Any, hint: Any) -> bool | None:
+    """Whether ``value`` has the type ``hint`` names; ``None`` when the hint says too little."""
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint in (int, bool, str):
+        return isinstance(value, hint) and (hint is bool or not isinstance(value, bool))
+    if hint is type(None):
+        return value is None
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        verdicts = [_fits(value, arg) for arg in typing.get_args(hint)]
+        return True if any(verdicts) else (False if all(v is False for v in verdicts) else None)
+    return None
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    names = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}
+    return names.get(hint, "null" if hint is type(None) else str(hint))
+
+
+def check_option_types(target: Any, options: dict[str, Any], group: str) -> None:
+    """``options`` of ``target`` (a class or function a config group builds, e.g. ``method``)
+    of the types its signature names (``method.temperature=abc`` is a mistake, not a
+    traceback)."""
+    hints: dict[str, Any] = {}
+    functions = (
+        [cls.__init__ for cls in reversed(target.__mro__[:-1])]  # type: ignore[misc]
+        if inspect.isclass(target)
+        else [target]
+    )
+    for function in functions:
+        try:
+            hints.update(typing.get_type_hints(function))
+        except Exception:  # noqa: BLE001 - a signature we cannot read is not checked
+            continue
+    for key, value in options.items():
+        hint = hints.get(key)
+        if hint is not None and _fits(value, hint) is False:
+            raise ConfigError(
+                f"{group}.{key} must be {_type_name(hint)}, got {value!r} (an option of "
+                f"{target.__name__})"
+            )
+
+
+def check_built_options(cfg: DictConfig) -> None:
+    """The options of every object the config builds with ``_target_`` (dataset, models,
+    optimizer, schedule, callbacks, logger) against its signature's types, the key named
+    (``model.student.width=abc``, ``dataset.batch_size=1.5``)."""
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    nodes: list[tuple[str, dict[str, Any]]] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            if "_target_" in node and prefix != "method":  # the method: method_from_config
+                nodes.append((prefix, node))
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else str(key))
+
+    walk(tree, "")
+    for prefix, node in nodes:
+        try:
+            target = get_method(str(node["_target_"]))
+        except Exception:  # noqa: BLE001 - a target that does not import: Hydra says so
+            continue
+        plain = {
+            str(k): v
+            for k, v in node.items()
+            if not str(k).startswith("_") and not (isinstance(v, str) and "${" in v)
+        }
+        check_option_types(target, plain, prefix)
+
+
 def known_keys() -> set[str]:
     """The top-level keys of ``conf/config.yaml`` and its config groups."""
     text = importlib.resources.files("lightning_layerkd.conf").joinpath("config.yaml").read_text()
@@ -139,6 +245,11 @@ def method_from_config(cfg: DictConfig) -> DistillationMethod:
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             break
     unknown = sorted(set(cfg.method) - {"_target_"} - set(valid))
+    if not unknown:
+        options = OmegaConf.to_container(cfg.method, resolve=True)
+        assert isinstance(options, dict)
+        given = {str(k): v for k, v in options.items() if k != "_target_"}
+        check_option_types(target, given, "method")
     if unknown:
         hint = ""
         if "critical_period" in unknown:
@@ -159,6 +270,33 @@ def method_from_config(cfg: DictConfig) -> DistillationMethod:
     return instantiate(cfg.method, _convert_="all")
 
 
+def check_some_loss(method: DistillationMethod) -> None:
+    """Refuse a method whose every loss term is zero (nothing would train): no task loss, no
+    logit KD, and a zero ``map_weight`` or zero weights for each of its own terms (e.g.
+    Jacobian matching's ``output_weight`` and ``activation_weight``)."""
+    options = method.options()
+    weights = {
+        k: float(v)
+        for k, v in options.items()
+        if k.endswith("weight") and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    own = {k: v for k, v in weights.items() if k not in ("map_weight", "logit_weight")}
+    scaled = weights.get("map_weight", 1.0) > 0  # map_weight scales the method's own terms
+    # its own terms: their weights where it names them, else its layer term if it has layers
+    has_terms = any(v > 0 for v in own.values()) if own else bool(method.uses_layers)
+    distils = scaled and has_terms
+    term = getattr(method, "logit_term", None)  # a logit loss, its weight or its own (DKD)
+    logit = float(getattr(term, "weight", 1.0)) if term is not None else 0.0
+    logit = max(logit, weights.get("logit_weight", 0.0))
+    if options.get("task_loss", True) or logit > 0 or distils:
+        return
+    named = ", ".join(f"method.{k}={v:g}" for k, v in weights.items())
+    raise ConfigError(
+        f"every loss term of method={method.name} is zero (method.task_loss=false, {named}): "
+        "nothing would train; set method.task_loss=true or a weight above 0"
+    )
+
+
 def check_config(cfg: DictConfig) -> DistillationMethod:
     """Fail before training on mistakes a sweep would otherwise find hours later; returns the
     method."""
@@ -170,13 +308,29 @@ def check_config(cfg: DictConfig) -> DistillationMethod:
         if value < (0 if key == "seed" else 1):
             raise ConfigError(f"{key} must be at least {0 if key == 'seed' else 1}, got {value}")
     check_values(cfg)
+    check_finite(cfg)
+    check_built_options(cfg)
     check_trainer(cfg)
     try:
         method = method_from_config(cfg)
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 - re-raised with the config context
-        raise ConfigError(f"invalid method settings: {err}") from err
+        cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
+        text = str(cause)
+        leaves = [k for k, _ in _leaves(OmegaConf.to_container(cfg.method), "method")]
+        named = [k for k in leaves if k.split(".")[-1] in text and not k.endswith("_target_")]
+        # the option the message names first
+        key = min(named, key=lambda k: text.index(k.split(".")[-1])) if named else "method"
+        raise ConfigError(
+            f"invalid method settings: {key}: {cause} ({cfg.method._target_})"
+        ) from err
+    check_some_loss(method)
+    if not str(cfg.teacher_cache_dir).strip():
+        raise ConfigError(
+            "teacher_cache_dir is empty: set it to a folder (teacher_cache_dir=<folder>), or "
+            "leave it out for $LAYERKD_CACHE/teachers"
+        )
     layer_spec(cfg.layers, allow_empty=method.allows_no_layers)
     layerwise = cfg.schedule.get("layerwise")
     if layerwise is not None and int(cfg.every_n_epochs) > int(cfg.epochs):

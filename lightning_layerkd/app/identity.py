@@ -15,13 +15,13 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from . import ConfigError
 from .cache_key import data_fingerprint
 from .logs import get_logger
+from .safe_files import UnreadableFileError, UnsafeFileError, load_tensors, verify_checksum
 
 log = get_logger(__name__)
 
@@ -70,15 +70,30 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     ]
 
 
+def _way_out(path: Path) -> str:
+    """How to go on from a damaged checkpoint ``path``."""
+    epochs = sorted(path.parent.glob("epoch=*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if epochs and path.name == "last.ckpt":
+        return (
+            f"copy the newest epoch checkpoint over it (cp {shlex.quote(str(epochs[-1]))} "
+            f"{shlex.quote(str(path))}) and resume again"
+        )
+    return "resume from another checkpoint, or start a new run in another hydra.run.dir"
+
+
 class RunIdentity(Callback):
     """Writes the run's identity into the student's checkpoints; :meth:`check` refuses to
     resume from a checkpoint of another run, or one that is not a student checkpoint."""
 
     def __init__(self, identity: dict[str, Any]) -> None:
         self.identity = identity
+        #: the teacher's metadata (as cached), kept in the checkpoints with its weights
+        self.teacher: dict[str, Any] = {}
+        #: the teacher a checked checkpoint holds: its state dict and metadata
+        self.saved_teacher: tuple[dict[str, Any], dict[str, Any]] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"identity": self.identity}
+        return {"identity": self.identity, "teacher": self.teacher}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         pass  # checked by check() before anything trains
@@ -90,19 +105,26 @@ class RunIdentity(Callback):
             return
         path = Path(ckpt_path)
         try:
-            saved = torch.load(path, map_location="cpu", weights_only=False)
+            saved = load_tensors(path)  # tensors and plain values only: nothing runs
+        except UnsafeFileError as err:
+            raise ConfigError(
+                f"ckpt_path: {err}; a layerkd-train checkpoint holds only tensors and plain "
+                "values: pass the student's <run dir>/checkpoints/last.ckpt or one of its "
+                "epoch=*.ckpt files"
+            ) from err
         except Exception as err:  # noqa: BLE001 - any failure to read is the same mistake
-            epochs = sorted(path.parent.glob("epoch=*.ckpt"), key=lambda p: p.stat().st_mtime)
-            fix = (
-                f"copy the newest epoch checkpoint over it (cp {shlex.quote(str(epochs[-1]))} "
-                f"{shlex.quote(str(path))}) and resume again"
-                if epochs and path.name == "last.ckpt"
-                else "resume from another checkpoint, or start a new run in another hydra.run.dir"
-            )
+            kind = "" if isinstance(err, UnreadableFileError) else f"{type(err).__name__}: "
+            detail = f"{kind}{err}"
             raise ConfigError(
                 f"ckpt_path: the checkpoint {path} cannot be read, it is truncated or damaged "
-                f"({type(err).__name__}: {str(err).strip().splitlines()[0][:200]}); {fix}"
+                f"({detail}); {_way_out(path)}"
             ) from err
+        intact = verify_checksum(saved if isinstance(saved, dict) else {})
+        if intact is False:
+            raise ConfigError(
+                f"ckpt_path: the checkpoint {path} is damaged: its content does not match the "
+                f"checksum it was written with (bytes changed on disk); {_way_out(path)}"
+            )
         states = saved.get("callbacks", {}) if isinstance(saved, dict) else {}
         if not any(str(key).endswith("StudentHistory") for key in states):
             raise ConfigError(
@@ -110,6 +132,8 @@ class RunIdentity(Callback):
                 "or another program's): pass the student's <run dir>/checkpoints/last.ckpt or "
                 "one of its epoch=*.ckpt files"
             )
+        if intact is None:
+            log.warning(f"{path} records no checksum (an older version wrote it); resuming")
         recorded = next(
             (state for key, state in states.items() if str(key).endswith("RunIdentity")), None
         )
@@ -117,6 +141,10 @@ class RunIdentity(Callback):
             log.warning(f"{path} records no run identity (an older version wrote it); resuming")
             return
         found = differences(recorded["identity"], self.identity)
+        weights = saved.get("state_dict") or {}
+        state = {k.removeprefix("teacher."): v for k, v in weights.items() if k[:8] == "teacher."}
+        if state and recorded.get("teacher"):
+            self.saved_teacher = (state, dict(recorded["teacher"]))
         if found:
             lines = "\n".join(f"  {line}" for line in found)
             raise ConfigError(

@@ -6,7 +6,6 @@ import argparse
 import csv
 import json
 import math
-import shlex
 import statistics
 import sys
 from collections import defaultdict
@@ -26,17 +25,51 @@ SCHEDULE_LABELS = {"none": "None", "multistep": "Constant Update", "layerwise": 
 REQUIRED = ("method", "schedule", "dataset", "student")
 
 
+def _number_or_none(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _malformed(result: Any) -> str | None:
+    """What in a parsed results.json the report cannot use (every field it reads, of the type
+    it reads it as), or ``None``."""
+    if not isinstance(result, dict):
+        return f"it holds a JSON {type(result).__name__}, not an object"
+    missing = [k for k in REQUIRED if k not in result]
+    if missing:
+        return f"no {', '.join(missing)}"
+    for key in ("method", "schedule", "dataset"):
+        if not isinstance(result[key], str):
+            return f"{key} is {result[key]!r}, not a name"
+    student = result["student"]
+    if not isinstance(student, dict):
+        return "student is not an object (no student.val_acc)"
+    for key in ("val_acc", "best_val_acc"):
+        if not _number_or_none(student.get(key)):
+            return f"student.{key} is {student.get(key)!r}, not a number"
+    history = student.get("history", [])
+    if not isinstance(history, list) or not all(
+        isinstance(row, dict) and all(_number_or_none(v) for v in row.values()) for row in history
+    ):
+        return "student.history is not a list of epochs of numbers"
+    for key in ("teacher", "sweep", "config", "layerwise", "final_lrs", "eta"):
+        if result.get(key) is not None and not isinstance(result[key], dict):
+            return f"{key} is {type(result[key]).__name__}, not an object"
+    if not _number_or_none((result.get("teacher") or {}).get("val_acc")):
+        return "teacher.val_acc is not a number"
+    if not isinstance(result.get("layer_pairs") or [], list):
+        return "layer_pairs is not a list"
+    return None
+
+
 def read_result(path: Path) -> dict[str, Any] | str:
     """The results of ``path``, or why it cannot be reported."""
     try:
         result = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         return f"{path}: unreadable ({type(err).__name__}: {err}); rerun or resume that run"
-    missing = [k for k in REQUIRED if not isinstance(result, dict) or k not in result]
-    if not missing and not isinstance(result["student"], dict):
-        missing = ["student.val_acc"]
-    if missing:
-        return f"{path}: malformed, no {', '.join(missing)}; rerun or resume that run"
+    problem = _malformed(result)
+    if problem is not None:
+        return f"{path}: malformed, {problem}; rerun or resume that run"
     return result
 
 
@@ -44,6 +77,7 @@ def gaps(root: Path) -> list[str]:
     """Everything below ``root`` the report cannot show: unreadable or malformed results.json
     files, and sweep jobs (of each ``multirun.yaml``) without one, with the command that runs
     or resumes them."""
+    from . import signals
     from .signals import sweep_jobs
 
     found = [
@@ -65,11 +99,23 @@ def gaps(root: Path) -> list[str]:
             state = "stopped before it finished" if job.is_dir() else "never ran"
             how = ""
             if overrides is not None:
-                words = ["layerkd-train", *overrides, f"hydra.run.dir={job}"]
-                words += ["ckpt_path=last"] if resume else []
-                command = " ".join(shlex.quote(w) for w in words)
+                command = signals.command(overrides, job, resume)
                 how = f"; {'resume' if resume else 'run'} it: {command}"
             found.append(f"{job}: sweep job {num} has no results.json, it {state}{how}")
+    for saved in sorted(root.rglob(".hydra/overrides.yaml")):  # single runs (and jobs alone)
+        run_dir = saved.parent.parent
+        if (run_dir / "results.json").is_file() or (run_dir.parent / "multirun.yaml").is_file():
+            continue
+        resume = (run_dir / "checkpoints" / "last.ckpt").is_file()
+        try:
+            overrides = [str(o) for o in OmegaConf.load(saved)]
+        except Exception:  # noqa: BLE001 - an unreadable record: the run is still named
+            overrides = []
+        command = signals.command(overrides, run_dir, resume)
+        found.append(
+            f"{run_dir}: run has no results.json, it crashed or was stopped; "
+            f"{'resume' if resume else 'rerun'} it: {command}"
+        )
     return found
 
 
@@ -127,14 +173,56 @@ def _cell(values: Sequence[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
 
 
+#: Config keys (and groups) in which runs of one row may differ: seeds, and where things go.
+SEED_AND_PLACES = ("seed", "ckpt_path", "output_dir", "teacher_cache_dir", "callbacks", "logger")
+SEED_AND_PLACES_IN = ("dataset.data_dir", "dataset.num_workers", "trainer.enable_progress_bar")
+
+
+def _settings(run: dict[str, Any]) -> dict[str, str]:
+    """The run's config, flat, less its seed and where it writes (as JSON strings)."""
+    flat: dict[str, str] = {}
+
+    def walk(tree: Any, prefix: str) -> None:
+        if isinstance(tree, dict):
+            for key, value in tree.items():
+                walk(value, f"{prefix}.{key}" if prefix else str(key))
+        else:
+            flat[prefix] = json.dumps(tree, sort_keys=True, default=str)
+
+    walk(run.get("config") or {}, "")
+    return {
+        k: v
+        for k, v in flat.items()
+        if k.split(".")[0] not in SEED_AND_PLACES and not k.startswith(SEED_AND_PLACES_IN)
+    }
+
+
+def _variants(runs: list[dict[str, Any]]) -> list[str]:
+    """Per run, what sets it apart from the runs of its row (method, schedule, dataset) other
+    than the seed (``lr=0.01, map_weight=2``; "" when nothing): runs that differ in a setting
+    (an Optuna search's trials) are never averaged as if they were seeds."""
+    groups: dict[tuple[str, str, str], list[int]] = defaultdict(list)
+    for index, run in enumerate(runs):
+        groups[run["method"], run["schedule"], run["dataset"]].append(index)
+    labels = [""] * len(runs)
+    settings = [_settings(run) for run in runs]
+    for members in groups.values():
+        keys = sorted({k for i in members for k in settings[i]})
+        varying = [k for k in keys if len({settings[i].get(k) for i in members}) > 1]
+        for i in members:
+            labels[i] = ", ".join(f"{k}={settings[i].get(k, '-')}" for k in varying)
+    return labels
+
+
 def table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Rows ``(method, LR update)`` and one column per dataset: student accuracy, mean ± std
-    over seeds; plus the student alone and the teacher."""
+    over seeds (runs that differ in any other setting get rows of their own, labelled by
+    it); plus the student alone and the teacher."""
     datasets = sorted({run["dataset"] for run in runs})
     cells: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     teachers: dict[str, dict[str, float]] = defaultdict(dict)
-    for run in runs:
-        key = (run["method"], run["schedule"])
+    for run, variant in zip(runs, _variants(runs), strict=True):
+        key = (run["method"], run["schedule"] + (f" [{variant}]" if variant else ""))
         cells[key][run["dataset"]].append(run["student"]["val_acc"])
         teacher = run.get("teacher") or {}
         if teacher.get("val_acc") is not None:
@@ -146,11 +234,13 @@ def table(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
         first = True
         for schedule in sorted(
             {s for m, s in cells if m == method},
-            key=_schedule_key,
+            key=lambda s: (_schedule_key(s), s),
         ):
             label = method.replace("_", " ").replace("+", " + ").title()
             label = "Student alone" if method == "none" else label
-            row = [label if first else "", SCHEDULE_LABELS.get(schedule, schedule)]
+            name, _, variant = schedule.partition(" [")
+            shown = SCHEDULE_LABELS.get(name, name) + (f" [{variant}" if variant else "")
+            row = [label if first else "", shown]
             row += [_cell(cells[method, schedule].get(d, [])) for d in datasets]
             rows.append(row)
             first = False
@@ -254,7 +344,9 @@ def search_trials(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
 
 
 def _schedule_key(schedule: str) -> int:
-    return list(SCHEDULE_LABELS).index(schedule) if schedule in SCHEDULE_LABELS else 99
+    """Table 1's order of a schedule (a row's schedule may carry its setting: ``name [...]``)."""
+    name = schedule.partition(" [")[0]
+    return list(SCHEDULE_LABELS).index(name) if name in SCHEDULE_LABELS else 99
 
 
 def _epoch_means(seeds: list[dict[int, float]]) -> tuple[list[int], list[float], list[float]]:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
@@ -26,6 +25,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from .logs import get_logger
+from .safe_files import load_tensors
 
 log = get_logger(__name__)
 
@@ -75,9 +75,7 @@ def continue_csv(logger: CSVLogger, ckpt_path: str) -> int | None:
     header: list[str] = []
     rows: list[dict[str, str]] = []
     if metrics.is_file():
-        epoch = int(
-            torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)["epoch"]
-        )
+        epoch = int(load_tensors(ckpt_path, mmap=True)["epoch"])  # checked by RunIdentity
         with open(metrics, newline="") as handle:
             reader = csv.DictReader(handle)
             header = list(reader.fieldnames or [])

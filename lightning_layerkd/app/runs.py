@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -84,25 +86,73 @@ def resume_from(cfg: DictConfig, root: Path, callbacks: list[Callback]) -> str |
     return None if path is None else str(path)
 
 
+#: Directories this process holds the lock of since Hydra started the run or sweep
+#: (:class:`LockBeforeHydraWrites`), so that :func:`run_dir_lock` does not take it again.
+_held_by_hydra: set[Path] = set()
+
+
 @contextlib.contextmanager
-def run_dir_lock(root: Path) -> Iterator[None]:
+def run_dir_lock(root: Path, *, option: str = "hydra.run.dir") -> Iterator[None]:
     """One job per run directory: an exclusive lock on ``<root>/.layerkd.lock`` (holding the
     PID) for the whole run; a second job into the same directory is a :class:`ConfigError` that
     names the holder. The kernel frees the lock of a killed job. Under DDP only rank 0 locks
     (Lightning starts the other ranks into the same directory)."""
-    if getattr(rank_zero_only, "rank", 0) != 0:
+    if getattr(rank_zero_only, "rank", 0) != 0 or root.resolve() in _held_by_hydra:
         yield
         return
 
     def refuse(who: str) -> None:
+        kind = "sweep" if option == "hydra.sweep.dir" else "run"
         raise ConfigError(
-            f"the run directory {root} is in use by another layerkd-train job ({who}); "
-            "wait for it to end, or choose another hydra.run.dir (two jobs in one "
+            f"the {kind} directory {root} is in use by another layerkd-train job ({who}); "
+            f"wait for it to end, or choose another {option} (two jobs in one "
             "directory would mix their checkpoints and results)"
         )
 
     with pid_lock(root / ".layerkd.lock", refuse):
         yield
+
+
+class LockBeforeHydraWrites(HydraCallback):
+    """A Hydra callback (``hydra.callbacks`` in ``conf/config.yaml``) that takes the run
+    directory's lock (:func:`run_dir_lock`) as Hydra starts a run, and the sweep directory's as
+    it starts a sweep, before Hydra writes anything there (``.hydra/``, ``multirun.yaml``, the
+    log): a job refused for a busy directory exits with status 2 and leaves the holder's
+    directory as it was."""
+
+    def __init__(self) -> None:
+        self._held = contextlib.ExitStack()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}  # a launcher's job process gets one that holds nothing
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._held = contextlib.ExitStack()
+
+    def _hold(self, folder: str, option: str) -> None:
+        root = Path(folder)
+        try:
+            self._held.enter_context(run_dir_lock(root, option=option))
+        except ConfigError as err:
+            print(f"layerkd-train: error: {err}", file=sys.stderr)
+            sys.exit(2)
+        _held_by_hydra.add(root.resolve())
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._hold(str(config.hydra.run.dir), "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._hold(str(config.hydra.sweep.dir), "hydra.sweep.dir")
+
+    def _release(self) -> None:
+        self._held.close()
+        _held_by_hydra.clear()
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._release()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._release()
 
 
 def _sweep_overrides(hydra_cfg: Any, folder: Path) -> list[Any]:

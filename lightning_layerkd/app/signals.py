@@ -16,8 +16,10 @@ Under SLURM with ``auto_requeue`` Lightning's requeue signal (``SIGUSR1``) is un
 from __future__ import annotations
 
 import contextlib
+import re
 import shlex
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,8 +42,11 @@ _state: dict[str, Any] = {"received": False, "depth": 0, "installed": False}
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:
+    """The first SIGTERM stops the run (at once, or as the critical section ends); repeated
+    ones (a scheduler that keeps sending it) are recorded only, so the stop happens once."""
+    first = not _state["received"]
     _state["received"] = True
-    if _state["depth"] == 0:
+    if first and _state["depth"] == 0:
         raise Preempted(f"stopped by signal {signal.Signals(signum).name}")
 
 
@@ -50,6 +55,20 @@ def install() -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _handler)
         _state["installed"] = True
+
+
+def finish(message: str, status: int = EXIT_SIGTERM) -> None:
+    """End the process with ``status`` after printing ``message`` on a line of its own: SIGTERM
+    is ignored from here on (a storm of them can neither interrupt the message with a
+    traceback nor kill the process by the signal while Python shuts down, which restores the
+    default handlers)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.stderr.write(f"{message}\n")
+    sys.stderr.flush()
+    sys.exit(status)
 
 
 def received() -> bool:
@@ -107,7 +126,62 @@ def remember_job(root: Path) -> None:
     job: dict[str, Any] = {"root": root, "overrides": [str(o) for o in hydra_cfg.overrides.task]}
     if hydra_cfg.mode == RunMode.MULTIRUN:
         job["num"], job["sweep_dir"] = int(hydra_cfg.job.num), Path(hydra_cfg.sweep.dir)
+        job["search"] = search(hydra_cfg)
     _state["job"] = job
+
+
+def search(hydra_cfg: Any) -> dict[str, Any] | None:
+    """What continuing an Optuna search (``hparams_search=optuna``) takes, from its Hydra
+    config: its storage, trials, the search's own overrides (less the searched parameters) and
+    Hydra's; ``None`` for any other sweeper."""
+    sweeper = hydra_cfg.sweeper
+    if "optuna" not in str(sweeper.get("_target_", "")).lower():
+        return None
+    searched = set(sweeper.get("params") or {})
+    own = tuple(f"hydra.{key}=" for key in ("sweep.dir", "sweeper.n_trials", "sweeper.storage")) + (
+        "hydra.sweeper.sampler.seed=",
+    )
+    return {
+        "storage": sweeper.get("storage"),
+        "seed": int((sweeper.get("sampler") or {}).get("seed") or 0),
+        "n_trials": int(sweeper.n_trials),
+        "sweep_dir": Path(str(hydra_cfg.sweep.dir)),
+        "overrides": [
+            str(o)
+            for o in hydra_cfg.overrides.task
+            if str(o).split("=", 1)[0].lstrip("+~") not in searched
+            and not str(o).startswith("ckpt_path=")
+        ],
+        "hydra": [str(o) for o in hydra_cfg.overrides.hydra if not str(o).startswith(own)],
+    }
+
+
+def continue_search(info: dict[str, Any], done: int) -> list[str]:
+    """How to continue an Optuna search stopped with ``done`` trials behind it: its remaining
+    trials in a new sweep directory beside the old one, from the study's storage where it
+    has one (its finished trials then inform the sampler), else as a new search (with another
+    sampler seed, so that it does not propose the finished trials again)."""
+    sweep_dir: Path = info["sweep_dir"]
+    storage, left = info["storage"], max(info["n_trials"] - done, 1)
+    target = sweep_dir.with_name(f"{sweep_dir.name}-continued")
+    words = ["layerkd-train", *info["overrides"], *info["hydra"]]
+    words += [f"hydra.sweep.dir={hydra_value(str(target))}", f"hydra.sweeper.n_trials={left}"]
+    if storage:
+        if str(storage).startswith("sqlite:///"):  # a relative file: the same from any folder
+            storage = "sqlite:///" + str(Path(str(storage).removeprefix("sqlite:///")).resolve())
+        words += [f"hydra.sweeper.storage={hydra_value(str(storage))}"]
+        how = f"its study is in {storage}: continue it, its finished trials informing the sampler"
+    else:
+        words += [f"hydra.sweeper.sampler.seed={info['seed'] + done}"]
+        how = (
+            "its study was in memory (hydra.sweeper.storage=null): run its remaining trials as a "
+            f"new search (its {done} finished trials stay in {sweep_dir}; layerkd-report "
+            f"{sweep_dir.parent} reports both)"
+        )
+    return [
+        f"layerkd-train: the Optuna search stopped after {done} of its {info['n_trials']} "
+        f"trials; {how}, with: {' '.join(shlex.quote(w) for w in words)}"
+    ]
 
 
 def job_started() -> bool:
@@ -115,9 +189,26 @@ def job_started() -> bool:
     return "job" in _state
 
 
-def _command(overrides: list[str], root: Path, resume: bool) -> str:
+#: Characters an unquoted Hydra override value may hold as they are.
+_PLAIN_VALUE = re.compile(r"[A-Za-z0-9_\-+./:@%~]+")
+
+
+def hydra_value(value: str) -> str:
+    """``value`` as a Hydra override value that parses back to itself: as it is when plain,
+    else single-quoted (a quote escaped, backslashes before a quote, the end or ``${``
+    doubled, ``${`` escaped), for paths with spaces, parentheses, commas or non-ASCII."""
+    if _PLAIN_VALUE.fullmatch(value):
+        return value
+    out = re.sub(r"(\\+)(?='|$|\$\{)", lambda m: m.group(1) * 2, value)
+    return "'" + out.replace("'", "\\'").replace("${", "\\${") + "'"
+
+
+def command(overrides: list[str], root: Path, resume: bool) -> str:
+    """The shell command that runs (``resume``: resumes) the job with ``overrides`` in the run
+    directory ``root``: each word shell-quoted, the directory also quoted for Hydra, so that it
+    works when pasted, whatever the directory's name."""
     kept = [o for o in overrides if not o.startswith(("ckpt_path=", "hydra.run.dir="))]
-    words = ["layerkd-train", *kept, f"hydra.run.dir={root}"]
+    words = ["layerkd-train", *kept, f"hydra.run.dir={hydra_value(str(root))}"]
     words += ["ckpt_path=last"] if resume else []
     return " ".join(shlex.quote(w) for w in words)
 
@@ -137,17 +228,19 @@ def sweep_jobs(sweep_dir: Path) -> list[list[str]]:
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
-def stop_message() -> str:
-    """What happened and how to go on, for a run (or sweep) stopped by SIGTERM."""
+def stop_message(*, sweep: bool = True) -> str:
+    """What happened and how to go on, for a run (or sweep) stopped by SIGTERM; without
+    ``sweep``, for the job alone (a job of a parallel sweep, whose launcher lists the rest)."""
     job = _state.get("job")
     if job is None:
         return "layerkd-train: stopped by SIGTERM before a run started; rerun the same command"
     root: Path = job["root"]
     resume = (root / "checkpoints" / "last.ckpt").is_file()
     how = "resume with" if resume else "no epoch was checkpointed; rerun with"
-    command = _command(job["overrides"], root, resume)
-    lines = [f"layerkd-train: stopped by SIGTERM; {how}: {command}"]
-    if "num" in job:
+    lines = [f"layerkd-train: stopped by SIGTERM; {how}: {command(job['overrides'], root, resume)}"]
+    if sweep and job.get("search") is not None:
+        lines += continue_search(job["search"], job["num"])
+    elif sweep and "num" in job:
         try:
             jobs = sweep_jobs(job["sweep_dir"])
         except Exception as err:  # noqa: BLE001 - the sweep's jobs are a courtesy here
@@ -159,7 +252,5 @@ def stop_message() -> str:
                 f"layerkd-train: the sweep stopped at job {job['num']}; {len(left)} of its "
                 f"{len(jobs)} jobs did not run:"
             )
-            lines += [
-                f"  job {n}: {_command(o, job['sweep_dir'] / str(n), False)}" for n, o in left
-            ]
+            lines += [f"  job {n}: {command(o, job['sweep_dir'] / str(n), False)}" for n, o in left]
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Sweep jobs that run side by side (``hydra/launcher=joblib``) share the cores.
+"""Sweep jobs that run side by side (``hydra/launcher=parallel``, or ``joblib``) share the cores.
 
 Each of ``n`` parallel jobs would otherwise start as many torch threads as the machine has
 cores, so that ``n`` jobs oversubscribe them ``n`` times over. :func:`share_cores` gives each job
@@ -31,10 +31,12 @@ def cpu_count() -> int:
 
 def parallel_jobs(launcher: Mapping[str, Any], cores: int) -> int:
     """How many jobs ``launcher`` (``hydra.launcher``) runs at once on ``cores`` cores: joblib's
-    ``n_jobs`` (``-1``: one per core, ``-2``: all but one, as joblib counts), 1 for a launcher
+    ``n_jobs`` and the parallel launcher's (``-1``: one per core, ``-2``: all but one, as joblib
+    counts), 1 for a launcher
     that runs one job at a time on this machine (basic, or a cluster's, whose jobs get their own
     cores)."""
-    if "JoblibLauncher" not in str(launcher.get("_target_", "")):
+    target = str(launcher.get("_target_", ""))
+    if not any(name in target for name in ("JoblibLauncher", "LayerkdLauncher")):
         return 1
     n = int(launcher.get("n_jobs") or 1)
     return max(1, cores + 1 + n if n < 0 else n)

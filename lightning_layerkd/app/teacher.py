@@ -33,6 +33,13 @@ from . import ConfigError, signals
 from .cache_key import data_fingerprint, teacher_cache_key, trainer_options
 from .locks import pid_lock
 from .logs import get_logger
+from .safe_files import (
+    ChecksummedCheckpointIO,
+    UnreadableFileError,
+    UnsafeFileError,
+    load_tensors,
+    verify_checksum,
+)
 
 log = get_logger(__name__)
 
@@ -57,20 +64,65 @@ class EpochHistory(Callback):
         )
         self.epochs.append(row)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"epochs": list(self.epochs)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.epochs = list(state_dict["epochs"])
+
     def last(self, key: str = "val/acc") -> float | None:
         """``key`` of the last epoch, or ``None`` before any."""
         return self.epochs[-1].get(key) if self.epochs else None
 
 
+class TeacherKey(Callback):
+    """The teacher's cache key in its checkpoints: a teacher stage stopped part-way resumes
+    from its last checkpoint only if that is the same teacher (:func:`teacher_checkpoint`)."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"key": self.key}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass  # checked by teacher_checkpoint() before the fit
+
+
+def teacher_checkpoint(folder: Path, key: str) -> str | None:
+    """The newest checkpoint in ``folder`` of a teacher fit of ``key`` that stopped part-way
+    (read safely, its checksum intact), or ``None``."""
+    found = (
+        sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    )
+    if not found:
+        return None
+    try:
+        saved = load_tensors(found[-1])
+    except (UnsafeFileError, UnreadableFileError, OSError) as err:
+        log.warning(f"the teacher checkpoint {found[-1]} is unusable ({err}); training anew")
+        return None
+    states = saved.get("callbacks", {}) if isinstance(saved, dict) else {}
+    recorded = next((v for k, v in states.items() if str(k).endswith("TeacherKey")), None)
+    if verify_checksum(saved) is False or not recorded or recorded.get("key") != key:
+        log.info(f"the teacher checkpoint {found[-1]} is of another teacher or damaged; ignored")
+        return None
+    return str(found[-1])
+
+
 def build_trainer(
     cfg: DictConfig, epochs: int, root: Path, callbacks: list[Callback], logger: Any
 ) -> pl.Trainer:
-    """A ``Trainer`` from ``cfg.trainer`` for ``epochs`` epochs under ``root``."""
+    """A ``Trainer`` from ``cfg.trainer`` for ``epochs`` epochs under ``root``, its
+    checkpoints written with their checksum (beside any plugins of ``trainer.plugins``)."""
+    options = trainer_options(cfg, epochs)
+    given = options.pop("plugins", None) or []
     return pl.Trainer(
         default_root_dir=str(root),
         callbacks=[*callbacks, signals.StopOnSigterm()],
         logger=logger,
-        **trainer_options(cfg, epochs),
+        plugins=[*(given if isinstance(given, list) else [given]), ChecksummedCheckpointIO()],
+        **options,
     )
 
 
@@ -173,15 +225,11 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     if path.stat().st_size == 0:
         raise _Unusable("an empty file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise  # the file is there but cannot be read: not something to move aside
-    except Exception as err:  # noqa: BLE001 - any other failure means a damaged file
-        detail = str(err).strip().split(". ")[0].splitlines()[0] if str(err).strip() else ""
-        raise _Unusable(
-            f"not a readable PyTorch state dict, truncated or damaged: {type(err).__name__}"
-            + (f": {detail}" if detail else "")
-        ) from err
+        state = load_tensors(path)  # OSError (the file cannot be read) is not moved aside
+    except UnsafeFileError as err:
+        raise _Unusable(str(err)) from err
+    except UnreadableFileError as err:
+        raise _Unusable(f"not a readable PyTorch state dict, truncated or damaged: {err}") from err
     if not isinstance(state, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
@@ -295,9 +343,16 @@ def _cache_access(cache_dir: Path, weights: Path, meta_path: Path) -> bool:
     )
 
 
-def train_teacher(cfg: DictConfig, datamodule: Any, teacher: nn.Module, root: Path) -> dict:
+def train_teacher(
+    cfg: DictConfig,
+    datamodule: Any,
+    teacher: nn.Module,
+    root: Path,
+    saved: tuple[dict[str, Any], dict[str, Any]] | None = None,
+) -> dict:
     """Stage 1: train the teacher alone (``cfg.optimizer``, ``cfg.teacher_scheduler``), or load
-    it from the cache."""
+    it from the cache, or (an empty cache) from ``saved``, the weights and metadata of the
+    teacher a resumed student checkpoint holds (then cached again)."""
     cache_dir = Path(cfg.teacher_cache_dir)
     key = teacher_cache_key(cfg, data_fingerprint(datamodule))
     weights, meta_path = cache_dir / f"{key}.pt", cache_dir / f"{key}.json"
@@ -316,6 +371,18 @@ def train_teacher(cfg: DictConfig, datamodule: Any, teacher: nn.Module, root: Pa
             meta["cached"] = True
             log.info(f"teacher loaded from cache {weights}")
             return meta
+        if saved is not None and saved[1].get("key") == key:
+            load_teacher(teacher, saved[0], Path(str(cfg.ckpt_path)))
+            log.info(
+                f"the teacher cache holds no teacher {weights.name}: using the teacher the "
+                "resumed checkpoint holds"
+            )
+            meta = {k: v for k, v in saved[1].items() if k not in ("cached", "restored")}
+            if owner:
+                with signals.deferred():  # the whole entry, then SIGTERM's stop
+                    atomic_write(weights, lambda p: torch.save(teacher.state_dict(), p))
+                    atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=2)))
+            return {**meta, "cached": False, "restored": "checkpoint"}
         if not writable:
             raise ConfigError(
                 f"the teacher cache {cache_dir} is read-only and its entry {weights.name} is "
@@ -333,9 +400,13 @@ def train_teacher(cfg: DictConfig, datamodule: Any, teacher: nn.Module, root: Pa
             scheduler=instantiate(cfg.teacher_scheduler),
         )
         history = EpochHistory()
-        trainer = build_trainer(cfg, cfg.teacher_epochs, root / "teacher", [history], False)
+        callbacks: list[Callback] = [history, TeacherKey(key)]
+        trainer = build_trainer(cfg, cfg.teacher_epochs, root / "teacher", callbacks, False)
+        resume = teacher_checkpoint(root / "teacher" / "checkpoints", key)
+        if resume is not None:  # a teacher stage stopped part-way (preempted): go on
+            log.info(f"resuming the teacher's training from {resume}")
         with signals.deferred():  # SIGTERM: Lightning stops the fit, nothing is cached
-            trainer.fit(module, datamodule=datamodule)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
         check_teacher(teacher, history, cfg, built)
         meta = {
             "key": key,

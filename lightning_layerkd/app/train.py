@@ -39,6 +39,7 @@ from . import ConfigError, signals
 from .auxiliary import train_or_restore_auxiliary
 from .checks import check_config, check_layers, layer_spec
 from .identity import RunIdentity, run_identity
+from .launcher import SweepEnded
 from .logs import get_logger, route_lightning_to_root
 from .run_logs import FlushLogsOnCheckpoint, build_logger
 from .runs import StudentHistory, resume_from, run_dir_lock, sweep_identity
@@ -142,8 +143,11 @@ def _run(cfg: DictConfig, root: Path) -> dict[str, Any]:
     identity.check(ckpt_path)
 
     teacher_meta: dict[str, Any] = {}
-    if method.needs_teacher:
-        teacher_meta = train_teacher(cfg, datamodule, teacher, root)
+    if method.needs_teacher:  # the checkpoint's teacher where the cache is empty (not an
+        saved = identity.saved_teacher if auxiliary is None else None  # auxiliary network)
+        teacher_meta = train_teacher(cfg, datamodule, teacher, root, saved)
+        kept = {k: v for k, v in teacher_meta.items() if k not in ("cached", "restored")}
+        identity.teacher = kept  # in the student's checkpoints, with the teacher's weights
 
     def distiller(source: nn.Module | None, target: nn.Module, pairs: Any) -> DistillationModule:
         scheduler = cfg.schedule.get("scheduler")
@@ -179,7 +183,7 @@ def _run(cfg: DictConfig, root: Path) -> dict[str, Any]:
     datamodule.train_dataloader = lambda: history.restore(make_loader())
     try:
         with signals.deferred():
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
         del datamodule.train_dataloader
         if isinstance(logger, WandbLogger):  # one wandb run per job, also when a job fails
@@ -289,14 +293,14 @@ def cli() -> None:
         main()
     except SystemExit as stop:
         if signals.stopped(stop):
-            print(signals.stop_message(), file=sys.stderr)
-            sys.exit(signals.EXIT_SIGTERM)
+            signals.finish(signals.stop_message())
         if stop.code == 1 and not signals.job_started():  # Hydra's: before any job ran
             sys.exit(2)
         raise
     except signals.Preempted:
-        print(signals.stop_message(), file=sys.stderr)
-        sys.exit(signals.EXIT_SIGTERM)
+        signals.finish(signals.stop_message())
+    except SweepEnded as end:  # hydra/launcher=parallel: the jobs' statuses, as one
+        signals.finish(end.message, end.status)
 
 
 if __name__ == "__main__":

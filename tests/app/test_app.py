@@ -361,13 +361,13 @@ def test_every_n_epochs_beyond_epochs_fails_before_training(tmp_path, cache):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("method=jacobian,method.wrt=foo", r"wrt must be one of \['weight', 'activation'\]"),
+        ("method=jacobian,method.wrt=foo", "method.wrt must be one of 'weight', 'activation', got"),
         ("method=hessian,method.num_probes=0", "num_probes must be at least 1"),
         ("method=hessian,method.teacher_probes=0", "teacher_probes must be at least 1"),
         ("schedule.layerwise.gamma=2", r"gamma must lie in \(0, 1\)"),
-        ("schedule.layerwise.reduction=max", "reduction must be 'sum' or 'mean'"),
+        ("schedule.layerwise.reduction=max", "schedule.layerwise.reduction must be one of 'sum'"),
         ("schedule.layerwise.reduction=mean", r"\['reduction'\] only apply to rule='paper'"),
-        ("schedule.layerwise.rule=adam", r"rule must be one of \['relative', 'paper'\]"),
+        ("schedule.layerwise.rule=adam", "schedule.layerwise.rule must be one of 'relative', 'pa"),
         ("method=none", "schedule=layerwise needs crucial layers"),
         ("schedule=critical_period", "applies to method=information_flow only"),
         ("method=logits", "schedule=layerwise needs crucial layers, but method=logits"),

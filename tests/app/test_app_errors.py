@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -157,6 +158,41 @@ def test_a_second_job_into_a_busy_run_directory_is_refused_with_the_holders_pid(
     assert list(cache.rglob("*.pt")) == []
 
 
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``folder``: its content and modification time."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sweep", [False, True])
+def test_a_job_refused_for_a_busy_directory_writes_nothing_there(tmp_path, cache, sweep):
+    """The holder's ``.hydra/`` files, ``train.log`` and (a sweep's) ``multirun.yaml`` are left
+    as they were by a second job (or sweep) into its directory, which exits 2 (Hydra wrote
+    them before the refusal; ``layerkd-report`` then listed a phantom job)."""
+    busy = tmp_path / "busy"
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "multirun.yaml"):
+        (busy / name).parent.mkdir(parents=True, exist_ok=True)
+        (busy / name).write_text(f"the holder's {name}\n")
+    option = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    command = [LAYERKD_TRAIN, *(["-m", "seed=0,1"] if sweep else []), *TINY, f"{option}={busy}"]
+    with run_dir_lock(busy, option=option):  # this process stands for the holder
+        before = snapshot(busy)
+        out = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert snapshot(busy) == before
+    kind = "sweep" if sweep else "run"
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert (
+        f"layerkd-train: error: the {kind} directory {busy} is in use by another layerkd-train "
+        f"job (PID {os.getpid()}); wait for it to end, or choose another {option}"
+    ) in out.stderr
+    assert "Traceback" not in out.stderr
+    assert list(cache.rglob("*.pt")) == []
+
+
 def test_two_jobs_started_in_the_same_second_get_their_own_run_directories(tmp_path, cache):
     """The default hydra.run.dir: two jobs started together (each stopping at a config
     mistake, after Hydra made its directory) never share one."""
@@ -191,6 +227,7 @@ def test_the_teacher_cache_key_holds_every_option_of_the_teachers_trainer_and_op
     stage1.build_trainer(cfg, cfg.teacher_epochs, tmp_path, [], False)
     payload = teacher_cache_payload(cfg, {})
     wiring = {"default_root_dir", "callbacks", "logger", *DISPLAY_ONLY}
+    wiring.add("plugins")  # how checkpoints are written (with their checksum), not what trains
     assert {k: v for k, v in passed.items() if k not in wiring} == payload["trainer"]
     assert payload["trainer"]["accumulate_grad_batches"] == 3
     assert payload["optimizer"] == OmegaConf.to_container(cfg.optimizer, resolve=True)
@@ -292,6 +329,45 @@ def test_a_read_only_cache_that_holds_the_teacher_is_read_without_a_lock(
         ("limit_val_batches=1.5", "limit_val_batches=1.5 is neither a number of batches"),
         ("+mthod=jacobian", "unknown key 'mthod' (set with mthod=... or +mthod=...): did you "),
         ("trainer.precision=bogus", "trainer settings: Precision 'bogus' is invalid."),
+        # every float of every group is finite (was: trains, caches the teacher, then NaN)
+        ("method.temperature=nan", "method.temperature must be finite and greater than 0, got n"),
+        ("method.temperature=-inf", "method.temperature must be finite and greater than 0, got -"),
+        (
+            "schedule=layerwise schedule.layerwise.power=inf",
+            "schedule.layerwise.power must be a finite number, got inf",
+        ),
+        ("+trainer.gradient_clip_val=nan", "trainer.gradient_clip_val must be a finite number"),
+        # types from the method's signature, ranges from its constructor, the key named
+        ("method.temperature=abc", "method.temperature must be a number, got 'abc'"),
+        ("method.task_loss=3", "method.task_loss must be true or false, got 3"),
+        # every object the config builds: its options against its signature, the key named
+        ("model.student.width=abc", "model.student.width must be an integer, got 'abc'"),
+        ("dataset.batch_size=1.5", "dataset.batch_size must be an integer, got 1.5"),
+        ("optimizer.momentum=abc", "optimizer.momentum must be a number, got 'abc'"),
+        (
+            "schedule=layerwise schedule.layerwise.gamma=abc",
+            "schedule.layerwise.gamma must be a number, got 'abc'",
+        ),
+        # a configuration that trains nothing, a cache that is nowhere
+        (
+            "method.task_loss=false map_weight=0",
+            "every loss term of method=attention is zero (method.task_loss=false, "
+            "method.map_weight=0, method.logit_weight=0): nothing would train",
+        ),
+        (
+            "method=jacobian_matching method.task_loss=false method.output_weight=0",
+            "every loss term of method=jacobian_matching is zero (method.task_loss=false, "
+            "method.output_weight=0, method.activation_weight=0, method.norm_penalty_weight=0, "
+            "method.map_weight=1, method.logit_weight=0)",
+        ),
+        ("method.task_loss=false", None),  # the maps alone: fine
+        ("method.task_loss=false map_weight=0 method.logit_weight=0.5", None),  # logit KD
+        ("teacher_cache_dir=''", "teacher_cache_dir is empty: set it to a folder"),
+        ("method.temperature=-1", "method.temperature must be finite and greater than 0, got -1"),
+        (
+            "method=jacobian method.weight_alignment=1",
+            "method.weight_alignment must be one of 'sorted', 'index', got 1",
+        ),
     ],
 )
 def test_values_that_train_nothing_and_unknown_keys_are_refused(override, message, tmp_path):
@@ -301,7 +377,7 @@ def test_values_that_train_nothing_and_unknown_keys_are_refused(override, messag
         check_config(config(*TINY, *override.split()))
         return
     with pytest.raises(ConfigError) as err:
-        check_config(config(*TINY, override))
+        check_config(config(*TINY, *override.split()))
     assert str(err.value).startswith(message)
 
 
@@ -331,11 +407,11 @@ def test_method_logit_weight_is_checked(tmp_path):
         ),
         (
             ("method=attention_logits", "method/logit_loss=dkd"),
-            "invalid method settings: Error in call to target",
+            "invalid method settings: method.logit_weight: AttentionMaps: logit_weight=1.0",
         ),
         (
             ("method/logit_loss=dkd", "method.logit_loss.warmup_epochs=-2"),
-            "invalid method settings: Error in call to target",
+            "invalid method settings: method.logit_loss.warmup_epochs: DKDLoss: warmup_epochs",
         ),
     ],
 )
@@ -367,6 +443,7 @@ def test_a_multiclass_logit_loss_on_multilabel_data_fails_before_the_teacher(
     ("overrides", "says"),
     [
         (["lr=0"], "layerkd-train: error: lr must be finite and greater than 0, got 0"),
+        (["method.temperature=nan"], "error: method.temperature must be finite and greater"),
         (["+mthod=jacobian"], "layerkd-train: error: unknown key 'mthod'"),
         (["mthod=jacobian"], "Could not override 'mthod'"),  # Hydra's own, now status 2
         (["method=fisher"], "Could not find 'method/fisher'"),
@@ -455,6 +532,92 @@ def test_a_dataset_with_one_class_exits_2_naming_it(tmp_path, cache):
     assert out.returncode == 2, out.stderr[-2000:]
     assert "its labels hold 1 class; a classifier" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ('{"method": 3, "schedule": "s", "dataset": "D", "student": {}}', "method is 3, not a"),
+        (
+            '{"method": "m", "schedule": "s", "dataset": "D", "student": {"val_acc": "abc"}}',
+            "student.val_acc is 'abc', not a number",
+        ),
+        (
+            '{"method": "m", "schedule": "s", "dataset": "D", "student": {"history": "x"}}',
+            "student.history is not a list of epochs of numbers",
+        ),
+        (
+            '{"method": "m", "schedule": "s", "dataset": "D", "student": {}, "teacher": [1]}',
+            "teacher is list, not an object",
+        ),
+        ("[1, 2]", "it holds a JSON list, not an object"),
+        ("[" * 100000, "unreadable (RecursionError"),
+    ],
+)
+def test_the_report_never_crashes_on_a_malformed_results_json(tmp_path, capsys, content, problem):
+    """Each malformed results.json (right JSON, wrong shapes) is named beside the table of the
+    good runs, instead of a traceback in the table or the curves."""
+    _result(tmp_path / "0", "s", 0, 0.5)
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "results.json").write_text(content)
+    report_main([str(tmp_path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert f"layerkd-report: warning: {tmp_path / '1' / 'results.json'}: " in err
+    assert problem in err
+    assert (
+        "| Attention | Layerwise Update | 50.00 |" in (tmp_path / "out" / "table1.md").read_text()
+    )
+
+
+def test_the_report_lists_a_crashed_single_run_with_its_resume_command(tmp_path, capsys):
+    """A single run (``outputs/<date>/<time>``) that crashed keeps its ``.hydra/`` and
+    checkpoints but has no results.json: it is named with the command that resumes it."""
+    _result(tmp_path / "good", "s", 0, 0.5)
+    crashed = tmp_path / "crashed (1)"
+    (crashed / ".hydra").mkdir(parents=True)
+    OmegaConf.save(
+        OmegaConf.create(["seed=1", "method=attention"]), crashed / ".hydra" / "overrides.yaml"
+    )
+    (crashed / "checkpoints").mkdir()
+    (crashed / "checkpoints" / "last.ckpt").write_bytes(b"")
+    report_main([str(tmp_path), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    (line,) = [
+        ln for ln in err.splitlines() if ln.startswith(f"layerkd-report: warning: {crashed}")
+    ]
+    head = f"layerkd-report: warning: {crashed}: run has no results.json, it crashed or was stopped"
+    assert line.startswith(f"{head}; resume it: ")
+    words = shlex.split(line.split("; resume it: ", 1)[1])  # as a shell splits it
+    assert words == [
+        "layerkd-train",
+        "seed=1",
+        "method=attention",
+        f"hydra.run.dir='{crashed}'",  # quoted for Hydra: a space and parentheses
+        "ckpt_path=last",
+    ]
+
+
+def test_the_report_never_averages_runs_with_different_settings_as_seeds():
+    """Three trials of a search (lr differs) and two seeds of one setting: the trials are rows
+    of their own, labelled by the setting; only the seeds are averaged."""
+    from lightning_layerkd.app.report import table
+
+    def run(lr, seed, acc):
+        return {
+            "method": "jacobian",
+            "schedule": "layerwise",
+            "dataset": "D",
+            "config": {"seed": seed, "lr": lr, "output_dir": f"/x/{lr}/{seed}"},
+            "student": {"val_acc": acc, "history": []},
+        }
+
+    _, rows = table([run(0.01, 0, 0.5), run(0.1, 0, 0.7), run(0.1, 1, 0.8)])
+    assert rows[:2] == [
+        ["Jacobian", "Layerwise Update [lr=0.01]", "50.00"],
+        ["", "Layerwise Update [lr=0.1]", "75.00 ± 7.07 (n=2)"],
+    ]
+    _, rows = table([run(0.1, 0, 0.7), run(0.1, 1, 0.8)])  # seeds only: one row, averaged
+    assert rows[0] == ["Jacobian", "Layerwise Update", "75.00 ± 7.07 (n=2)"]
 
 
 @pytest.mark.parametrize(

@@ -13,94 +13,27 @@ import fcntl
 import hashlib
 import json
 import os
-import shlex
 import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 import torch
 
-from tests.helpers.app import TINY
-
-LAYERKD_TRAIN = str(Path(sys.executable).parent / "layerkd-train")
-# tests/test_app.py's TINY, with the epochs set per test
-FAST = [o for o in TINY if not o.startswith(("epochs=", "teacher_epochs="))]
-TIMEOUT = 240  # seconds for one run; a run takes about 10 s to start, 1 s per epoch
-
-
-@contextlib.contextmanager
-def launched(args: list[str], run_dir: Path, cache: Path) -> Iterator[subprocess.Popen]:
-    """``layerkd-train args`` in a new session writing ``<run_dir>.log``; on leaving, its
-    process group is killed if it still runs."""
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "LAYERKD_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
-    env["OMP_NUM_THREADS"] = "1"  # tiny networks; two jobs share the cores
-    with open(log_path(run_dir), "w") as log:
-        proc = subprocess.Popen(
-            [LAYERKD_TRAIN, *args, f"hydra.run.dir={run_dir}"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                kill_group(proc)
-
-
-def log_path(run_dir: Path) -> Path:
-    return run_dir.with_name(f"{run_dir.name}.log")
-
-
-def tail(run_dir: Path, lines: int = 40) -> str:
-    return "\n".join(log_path(run_dir).read_text().splitlines()[-lines:])
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the process group of ``proc`` and check that none of it is left."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    pytest.fail(f"processes of group {proc.pid} survived SIGKILL")
-
-
-def wait_for(
-    condition: Callable[[], bool], proc: subprocess.Popen, run_dir: Path, what: str
-) -> float:
-    """Poll ``condition`` while the job runs; returns the seconds waited."""
-    start = time.monotonic()
-    while not condition():
-        if proc.poll() is not None:
-            pytest.fail(f"layerkd-train ended ({proc.returncode}) before {what}:\n{tail(run_dir)}")
-        if time.monotonic() - start > TIMEOUT:
-            pytest.fail(f"no {what} after {TIMEOUT} s:\n{tail(run_dir)}")
-        time.sleep(0.02)
-    return time.monotonic() - start
-
-
-def complete(args: list[str], run_dir: Path, cache: Path) -> dict:
-    """Run ``layerkd-train args`` to the end; returns its results.json."""
-    with launched(args, run_dir, cache) as proc:
-        proc.wait(timeout=TIMEOUT)
-    assert proc.returncode == 0, tail(run_dir)
-    return json.loads((run_dir / "results.json").read_text())
-
-
-def has_file(folder: Path, pattern: str) -> Callable[[], bool]:
-    return lambda: folder.is_dir() and any(folder.glob(pattern))
+from tests.helpers.processes import (
+    FAST,
+    TIMEOUT,
+    complete,
+    has_file,
+    hinted,
+    kill_group,
+    launched,
+    log_path,
+    no_temporary_files,
+    paste,
+    stop_lines,
+    tail,
+    wait_for,
+)
 
 
 @pytest.mark.slow
@@ -210,20 +143,6 @@ def test_two_jobs_needing_one_teacher_train_it_once_and_the_second_says_whom_it_
 
 
 # ---------------------------------------------------------------------- SIGTERM (preemption)
-def stop_lines(run_dir: Path) -> list[str]:
-    return [line for line in log_path(run_dir).read_text().splitlines() if "layerkd-train:" in line]
-
-
-def hinted(line: str, marker: str) -> list[str]:
-    """The overrides of the command a stop message gives after ``marker``, less
-    ``hydra.run.dir`` (which :func:`launched` sets)."""
-    words = shlex.split(line.split(marker, 1)[1])
-    assert words[0] == "layerkd-train"
-    return [w for w in words[1:] if not w.startswith("hydra.run.dir=")]
-
-
-def no_temporary_files(*folders: Path) -> list[Path]:
-    return [p for folder in folders for p in folder.rglob("*.tmp")]
 
 
 @pytest.mark.slow
@@ -276,6 +195,16 @@ def test_sigterm_while_the_teacher_trains_exits_143_and_caches_nothing(tmp_path)
     (line,) = stop_lines(run_dir)
     assert line.startswith("layerkd-train: stopped by SIGTERM; no epoch was checkpointed; rerun")
     assert line.endswith(f"hydra.run.dir={run_dir}")
+    # the printed command resumes the teacher from its last checkpoint instead of restarting
+    (saved,) = (run_dir / "teacher" / "checkpoints").glob("*.ckpt")
+    stopped_at = torch.load(saved, map_location="cpu", weights_only=True)["epoch"]
+    assert 0 <= stopped_at < 5
+    done = paste(line.split("rerun with: ", 1)[1], cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming the teacher's training from {saved}" in (run_dir / "train.log").read_text()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [row["epoch"] for row in results["teacher"]["history"]] == list(range(6))
+    assert len(list(teachers.glob("*.pt"))) == 1  # and cached
 
 
 @pytest.mark.slow
@@ -296,4 +225,5 @@ def test_sigterm_stops_a_sweep_with_143_and_names_the_jobs_that_did_not_run(tmp_
     assert job.startswith("  job 1: layerkd-train ") and job.endswith(
         f" seed=1 hydra.run.dir={sweep / '1'}"
     )
-    assert sorted(p.name for p in sweep.iterdir()) == ["0", "multirun.yaml"]
+    left = sorted(p.name for p in sweep.iterdir())
+    assert left == [".layerkd.lock", "0", "multirun.yaml"]  # the sweep's lock, its one job

@@ -86,8 +86,9 @@ def test_killed_run_resumed_with_ckpt_path_last_matches_the_straight_run(
 
 def test_a_checkpoint_file_resumes_into_a_new_run_directory(tmp_path: Path, cache: Path) -> None:
     """``ckpt_path=<file>``: an epoch checkpoint of a killed run, resumed in another run
-    directory, which gets its own checkpoints; with the teacher cache gone the teacher is
-    trained again as usual. The result is the uninterrupted run's."""
+    directory, which gets its own checkpoints; with the teacher cache gone (another machine)
+    the teacher is the one the checkpoint holds, not trained again, and cached anew. The
+    result is the uninterrupted run's."""
     overrides = [*THREE, "epochs=2", "milestones=[1]"]
     straight = run(config(*overrides), tmp_path / "straight")
     kill = ["+callbacks.kill._target_=tests.helpers.app.KillAt", "+callbacks.kill.epoch=1"]
@@ -98,7 +99,9 @@ def test_a_checkpoint_file_resumes_into_a_new_run_directory(tmp_path: Path, cach
             entry.unlink()
     ckpt = tmp_path / "killed" / "checkpoints" / "epoch=0-step=3.ckpt"
     resumed = run(config(*overrides, f"ckpt_path='{ckpt}'"), tmp_path / "new")  # quoted: "="
-    assert resumed["teacher"]["cached"] is False
+    assert resumed["teacher"] == {**straight["teacher"], "restored": "checkpoint"}
+    assert not (tmp_path / "new" / "teacher").exists()  # no teacher fit
+    assert len(list(cache.rglob("*.pt"))) == 1  # cached anew from the checkpoint
     assert [row["epoch"] for row in resumed["student"]["history"]] == [0, 1]
     assert_same(resumed["student"], straight["student"], "student")
     assert_same(resumed["final_lrs"], straight["final_lrs"], "final_lrs")

@@ -8,6 +8,8 @@ import importlib.util
 import json
 import math
 import os
+import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,16 @@ import yaml
 
 from lightning_layerkd.app.report import main as report
 from tests.helpers.app import TINY
+from tests.helpers.processes import (
+    FAST,
+    TIMEOUT,
+    has_file,
+    launched,
+    log_path,
+    paste,
+    tail,
+    wait_for,
+)
 
 LAYERKD_TRAIN = str(Path(sys.executable).parent / "layerkd-train")
 SEARCHED = ("map_weight", "lr", "schedule.layerwise.power")
@@ -86,3 +98,41 @@ def test_a_three_trial_search_maximises_the_best_validation_accuracy_and_is_repo
     ) in out
     assert (sweep / "trials.md").read_text().startswith(header)
     assert math.isfinite(scores[best])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
+    reason="needs hydra-optuna-sweeper (the sweeps extra)",
+)
+def test_a_search_stopped_during_a_trial_says_how_to_continue_and_that_continues_it(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM during trial 1 of 3: status 143, no raw ``[Errno 2]`` (there is no
+    multirun.yaml to list jobs from), and the exact command that runs the 2 trials to go in a
+    new sweep directory (another sampler seed: the study was in memory); pasted, it does (was:
+    the printed command started the whole search again, and rerunning exited 2)."""
+    cache, sweep = tmp_path / "cache", tmp_path / "search"
+    args = ["hparams_search=optuna", "hydra.sweeper.n_trials=3", *FAST, "teacher_epochs=1"]
+    args += ["epochs=3", "milestones=[2]", f"hydra.sweep.dir={sweep}"]
+    args += ["+callbacks.pause._target_=tests.helpers.app.Pause", "+callbacks.pause.seconds=1"]
+    with launched(args, tmp_path / "log", cache) as proc:
+        wait_for(has_file(sweep / "1" / "checkpoints", "last.ckpt"), proc, tmp_path, "trial 1")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=TIMEOUT)
+    log = log_path(tmp_path / "log").read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, tail(tmp_path / "log")
+    assert "Errno" not in log and "Traceback" not in log
+    (line,) = [ln for ln in log.splitlines() if "the Optuna search stopped after" in ln]
+    assert line.startswith("layerkd-train: the Optuna search stopped after 1 of its 3 trials")
+    pasted = line.split("with: ", 1)[1]
+    words = shlex.split(pasted)
+    continued = sweep.with_name(f"{sweep.name}-continued")
+    assert f"hydra.sweep.dir={continued}" in words
+    assert "hydra.sweeper.n_trials=2" in words and "hydra.sweeper.sampler.seed=1235" in words
+    assert not any(w.startswith(("map_weight=", "lr=")) for w in words)  # the searched ones
+    done = paste(pasted, cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in continued.iterdir() if p.name.isdigit()) == ["0", "1"]
+    assert all((continued / n / "results.json").is_file() for n in ("0", "1"))
+    assert (sweep / "0" / "results.json").is_file()  # the first search's finished trial

@@ -1,4 +1,4 @@
-"""Sweeps as Hydra users run them: ``hydra/launcher=parallel`` (hydra-joblib-launcher) runs jobs
+"""Sweeps as Hydra users run them: ``hydra/launcher=parallel`` (a process per job) runs jobs
 side by side that share the cores and one cached teacher; the SLURM example launcher composes."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from tests.helpers.app import TINY_ANY_METHOD
 
 LAYERKD_TRAIN = str(Path(sys.executable).parent / "layerkd-train")
 JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+OURS = "hydra_plugins.layerkd_launcher.layerkd_launcher.LayerkdLauncher"
 STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
 
 
@@ -40,17 +41,21 @@ def test_parallel_jobs_share_the_cores() -> None:
     assert 1 <= cpu_count() <= (os.cpu_count() or 1)
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is None,
-    reason="needs hydra-joblib-launcher (the sweeps extra)",
-)
-def test_the_parallel_launcher_is_joblib_with_two_jobs() -> None:
+def test_the_parallel_launcher_is_layerkds_own_with_two_jobs() -> None:
+    """``hydra/launcher=parallel``: the process-per-job launcher (registered with Hydra from
+    ``hydra_plugins``), 2 jobs at a time; its jobs share the cores as joblib's do."""
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.launcher import Launcher
+
     launcher = hydra_config("hydra/launcher=parallel").hydra.launcher
-    assert launcher._target_ == JOBLIB and launcher.n_jobs == 2 and launcher.prefer == "processes"
+    assert launcher._target_ == OURS and launcher.n_jobs == 2
     assert (
         hydra_config("hydra/launcher=parallel", "hydra.launcher.n_jobs=4").hydra.launcher.n_jobs
         == 4
     )
+    found = {f"{c.__module__}.{c.__name__}" for c in Plugins.instance().discover(Launcher)}
+    assert OURS in found
+    assert parallel_jobs(launcher, 8) == 2 and threads_per_job(launcher, 8) == 4
 
 
 def test_the_slurm_launcher_example_composes() -> None:
@@ -77,10 +82,6 @@ def _span(log: Path) -> tuple[datetime, datetime]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is None,
-    reason="needs hydra-joblib-launcher (the sweeps extra)",
-)
 def test_a_parallel_two_job_sweep_runs_both_jobs_at_once_with_one_teacher(
     tmp_path: Path, cache: Path
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -75,3 +76,26 @@ class Barrier(Callback):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no other job reached the barrier in {self.timeout} s")
             time.sleep(0.2)
+
+
+class Pause(Callback):
+    """Sleep ``seconds`` after each training epoch: a run slow enough to be signalled while it
+    trains (built from the config as ``callbacks.pause``)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
+        time.sleep(self.seconds)
+
+
+class SigkillAt(Callback):
+    """The process kills itself with SIGKILL as epoch ``epoch`` starts, as the system's
+    out-of-memory killer would (built from the config as ``callbacks.oom``)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: Any) -> None:
+        if trainer.current_epoch == self.epoch:
+            os.kill(os.getpid(), signal.SIGKILL)
