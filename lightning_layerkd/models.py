@@ -41,6 +41,23 @@ _DEPTHS: dict[int, tuple[Block, list[int]]] = {
 }
 
 
+def residual_stage(
+    block: Block, inplanes: int, planes: int, blocks: int, stride: int
+) -> nn.Sequential:
+    """One stage of ``blocks`` residual blocks (He et al. 2016): the first changes the stride and
+    the width, with a 1x1 convolution + batch norm shortcut where the shapes differ."""
+    out = planes * block.expansion
+    downsample = None
+    if stride != 1 or inplanes != out:
+        downsample = nn.Sequential(
+            nn.Conv2d(inplanes, out, kernel_size=1, stride=stride, bias=False),
+            nn.BatchNorm2d(out),
+        )
+    layers = [block(inplanes, planes, stride, downsample)]
+    layers += [block(out, planes) for _ in range(1, blocks)]
+    return nn.Sequential(*layers)
+
+
 class CifarResNet(nn.Module):
     """ResNet for small images: 3x3 stride-1 stem, no max-pool, four stages.
 
@@ -83,17 +100,9 @@ class CifarResNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def _make_layer(self, block: Block, planes: int, blocks: int, stride: int) -> nn.Sequential:
-        out = planes * block.expansion
-        downsample = None
-        if stride != 1 or self.inplanes != out:
-            downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, out, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(out),
-            )
-        layers = [block(self.inplanes, planes, stride, downsample)]
-        self.inplanes = out
-        layers += [block(out, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
+        stage = residual_stage(block, self.inplanes, planes, blocks, stride)
+        self.inplanes = planes * block.expansion
+        return stage
 
     def forward(self, x: Tensor) -> Tensor:
         """Return class logits of shape ``(N, num_classes)``."""
@@ -178,16 +187,9 @@ class ThreeStageResNet(nn.Module):
         _init(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
-        downsample = None
-        if stride != 1 or self.inplanes != planes:
-            downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, planes, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes),
-            )
-        layers = [BasicBlock(self.inplanes, planes, stride, downsample)]
+        stage = residual_stage(BasicBlock, self.inplanes, planes, blocks, stride)
         self.inplanes = planes
-        layers += [BasicBlock(planes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
+        return stage
 
     def forward(self, x: Tensor) -> Tensor:
         """Return class logits of shape ``(N, num_classes)``."""
