@@ -5,8 +5,8 @@
 #
 #   nohup nice -n 19 bash benchmarks/regimes.sh [STAGE...] > /tmp/regimes.log 2>&1 &
 #
-# Stages run in the order given (default: all, cheapest first); JM_STAGES need the faster
-# Jacobian matching and run last. Two runs side by side, one thread each.
+# Stages run in the order given (default: all; the jm_ stages are the Jacobian-matching rows,
+# compute_matched takes its budget from jm_own_rate's measured runs). Two runs side by side, one thread each.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
@@ -42,12 +42,23 @@ jm_terms() {  # issue 28: which of Jacobian matching's terms carry its gain (the
     jacobian_matching/layer1 jacobian_matching/layer2 jacobian_matching/layer3 \
     jacobian_matching/layer4
 }
+compute_matched() {  # item 4: the student alone and attention + logit KD trained for as many
+  # core-seconds as a Jacobian-matching run (its measured cost: run after jm_own_rate); one
+  # student run at 15 epochs first measures the student's cost (older rows have only wall time)
+  run --dataset cifar100 --out $R/cifar100_cost --lrs 0.4 --seeds 0 --configs student
+  local config epochs
+  for config in student attention+logits/constant; do
+    epochs=$(python benchmarks/regimes_report.py --matched-epochs "$config")
+    run --dataset cifar100 --out $R/cifar100_matched --epochs "$epochs" \
+      --every-n-epochs "$epochs" --lrs 0.4 --configs "$config"
+  done
+}
 jm_full_data() {
   run --dataset cifar100 --out $R/cifar100_full --train-images 50000 --lrs 0.4 --seeds 0 1 \
     --configs jacobian_matching
 }
 
-stages=("${@:-own_rate longer full_data jm_terms jm_own_rate jm_longer jm_full_data}")
+stages=("${@:-own_rate jm_own_rate compute_matched longer full_data jm_terms jm_longer jm_full_data}")
 for stage in ${stages[*]}; do
   echo "== $stage $(date -u +%FT%TZ)"
   "$stage"

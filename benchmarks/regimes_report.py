@@ -4,6 +4,12 @@ and one figure of accuracy against core-hours.
 
     python benchmarks/regimes_report.py            # reads benchmarks/results/strong_teacher/*
     # writes benchmarks/results/regimes/tables.md and cost.png
+    python benchmarks/regimes_report.py --matched-epochs student   # epochs of a compute-matched run
+
+A compute-matched run (item 4) trains a configuration for as many core-seconds as a run of the
+reference (Jacobian matching) takes: the same schedule shape (decays at 1/2 and 3/4 of the epochs)
+stretched to ``round(epochs * cost(reference) / cost(configuration))`` epochs, both costs the mean
+over the regime's runs of that configuration, measured CPU time preferred to wall time.
 
 A run's cost is its process CPU time (``cpu_seconds``: core-seconds, whatever else shared the
 machine); runs recorded before that field existed give their wall time (one thread each, so an
@@ -43,6 +49,11 @@ REGIMES = (
     RegimeDir("CIFAR-100, 500 a class, 15 epochs", "cifar100_full", 0.4),
     RegimeDir("CIFAR-10, 500 a class, 10 epochs", "cifar10", 0.2),
 )
+#: Item 4: the 100-a-class CIFAR-100 rows trained for Jacobian matching's core-seconds.
+MATCHED = RegimeDir(
+    "CIFAR-100, 100 a class, Jacobian matching's core-seconds", "cifar100_matched", 0.4
+)
+MATCHED_REFERENCE = "jacobian_matching"
 #: The methods of the own-rate comparison (item 1) and the configurations of the figure.
 OWN_RATE = ("logits", "attention+logits/constant", "jacobian_matching", "information_flow")
 
@@ -61,6 +72,67 @@ def load(folder: Path) -> dict[tuple[str, float], dict[int, dict[str, Any]]]:
         record = json.loads(path.read_text())
         runs.setdefault((record["config"], record["lr"]), {})[record["seed"]] = record
     return runs
+
+
+Runs = dict[tuple[str, float], dict[int, dict[str, Any]]]
+
+
+def mean_cost(folders: list[Runs], name: str) -> float:
+    """Mean core-seconds of a run of ``name`` at any rate in ``folders``: measured CPU time where
+    any run has it (runs from before the field, or before a speed-up, only where none has)."""
+    records = [
+        r for runs in folders for (n, _), rows in runs.items() if n == name for r in rows.values()
+    ]
+    measured = [core_seconds(r)[0] for r in records if not core_seconds(r)[1]]
+    costs = measured or [core_seconds(r)[0] for r in records]
+    if not costs:
+        raise SystemExit(f"no run of {name!r} to take its cost from; run it first")
+    return statistics.mean(costs)
+
+
+def matched_epochs(folders: list[Runs], name: str, reference: str = MATCHED_REFERENCE) -> int:
+    """Epochs for which ``name`` costs what a run of ``reference`` costs (module docstring)."""
+    epochs = {r["epochs"] for runs in folders for rows in runs.values() for r in rows.values()}
+    if len(epochs) != 1:
+        raise SystemExit(f"the folders' runs mix epochs {sorted(epochs)}; expected one budget")
+    return max(1, round(epochs.pop() * mean_cost(folders, reference) / mean_cost(folders, name)))
+
+
+def matched_table(matched: Runs, runs: Runs, regime: RegimeDir = MATCHED) -> str:
+    """Item 4: each compute-matched row against the reference's own runs (``runs``: the regime
+    at its own budget), paired by seed."""
+    reference = runs.get((MATCHED_REFERENCE, regime.student_lr), {})
+    student = matched.get(("student", regime.student_lr), {})
+    lines = [
+        f"{regime.label} (base rate {regime.student_lr:g}; the reference: "
+        f"{MATCHED_REFERENCE}, {cost(reference) if reference else '-'} core-hours a run)",
+        "",
+        "| configuration | epochs | accuracy (%) | seeds | minus the compute-matched student "
+        f"| minus {MATCHED_REFERENCE} (paired, seeds) | core-hours a run |",
+        "|---|---|---|---|---|---|---|",
+        f"| {MATCHED_REFERENCE} | {_epochs(reference)} | "
+        f"{mean_std(accuracies(reference)) if reference else '-'} | {len(reference)} | "
+        f"{paired(reference, student) if student and reference else '-'} | - | "
+        f"{cost(reference) if reference else '-'} |",
+    ]
+    for (name, lr), rows in sorted(matched.items()):
+        if lr != regime.student_lr:
+            continue
+        cells = [
+            name,
+            _epochs(rows),
+            mean_std(accuracies(rows)),
+            str(len(rows)),
+            paired(rows, student) if student else "-",
+            paired(rows, reference) if reference else "-",
+            cost(rows),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _epochs(rows: dict[int, dict[str, Any]]) -> str:
+    return ", ".join(str(e) for e in sorted({r["epochs"] for r in rows.values()})) or "-"
 
 
 def mean_std(values: list[float]) -> str:
@@ -192,7 +264,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--out", type=Path, default=RESULTS.parent / "regimes")
+    parser.add_argument(
+        "--matched-epochs",
+        metavar="CONFIG",
+        help=f"print the epochs for which CONFIG costs a {MATCHED_REFERENCE} run of "
+        "--regime and exit",
+    )
+    parser.add_argument(
+        "--regime",
+        nargs="+",
+        default=["cifar100", "cifar100_cost"],
+        help="results folders (one budget) whose runs give --matched-epochs its costs",
+    )
     args = parser.parse_args()
+    if args.matched_epochs:
+        folders = [load(args.results / f) for f in args.regime]
+        print(matched_epochs(folders, args.matched_epochs))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     panels = [
         (regime, load(args.results / regime.folder))
@@ -202,6 +290,9 @@ def main() -> None:
     sections = ["# Regimes: own rate, cost\n"]
     for regime, runs in panels:
         sections += [own_rate_table(regime, runs), "", regime_table(regime, runs), ""]
+    if (args.results / MATCHED.folder).is_dir():
+        matched = load(args.results / MATCHED.folder)
+        sections += [matched_table(matched, load(args.results / "cifar100")), ""]
     (args.out / "tables.md").write_text("\n".join(sections))
     plot([(r, runs) for r, runs in panels if runs], args.out / "cost.png")
     log.info("wrote %s and %s", args.out / "tables.md", args.out / "cost.png")
