@@ -66,6 +66,10 @@ REGIMES = {
 LOGIT_WEIGHT = 1.0
 #: DKD's warm-up: their 20 of 240 epochs is about 1 of our 10-15, i.e. full weight from the start
 DKD_WARMUP = 1
+#: Logit standardization's CIFAR-100 recipe (Sun et al.'s repository: ``--logit-stand
+#: --base-temp 2 --kd-weight 9``): base temperature 2, KD weighted 9, DKD's alpha and beta times 9
+LS_KD = {"standardize": True, "temperature": 2.0, "logit_weight": 9.0}
+LS_DKD = {"standardize": True, "temperature": 2.0, "alpha": 9.0, "beta": 72.0}
 SENSITIVITY = {
     "fixed-4,2,0.5,0.25": (4.0, 2.0, 0.5, 0.25),
     "fixed-0.25,0.5,2,4": (0.25, 0.5, 2.0, 4.0),
@@ -117,13 +121,13 @@ def _configs() -> dict[str, dict[str, Any]]:
         # the logit methods of the CIFAR-100 tables, at their papers' defaults (design.md 10)
         "dkd": {"method": "dkd", "warmup_epochs": DKD_WARMUP},
         "dist": {"method": "dist"},
-        "logits+ls": {"method": "logits", "logit_weight": LOGIT_WEIGHT, "standardize": True},
-        "dkd+ls": {"method": "dkd", "warmup_epochs": DKD_WARMUP, "standardize": True},
+        "logits+ls": {"method": "logits", **LS_KD},
+        "dkd+ls": {"method": "dkd", "warmup_epochs": DKD_WARMUP, **LS_DKD},
         # a map method composed with a logit loss (logit_loss: any method, any logit loss)
         "attention+dkd": {"method": "attention", "logit_loss": DKDLoss(warmup_epochs=DKD_WARMUP)},
         "attention+dkd+ls": {
             "method": "attention",
-            "logit_loss": DKDLoss(warmup_epochs=DKD_WARMUP, standardize=True),
+            "logit_loss": DKDLoss(warmup_epochs=DKD_WARMUP, **LS_DKD),
         },
         "attention+dist": {"method": "attention", "logit_loss": DISTLoss()},
         "jacobian_matching+dkd": {
