@@ -56,6 +56,20 @@ MATCHED = RegimeDir(
 MATCHED_REFERENCE = "jacobian_matching"
 #: The methods of the own-rate comparison (item 1) and the configurations of the figure.
 OWN_RATE = ("logits", "attention+logits/constant", "jacobian_matching", "information_flow")
+#: Issue 29's logit methods and compositions, each also paired with Hinton's KD.
+LOGIT_METHODS = (
+    "logits",
+    "dkd",
+    "dist",
+    "logits+ls",
+    "dkd+ls",
+    "attention+logits/constant",
+    "attention+dkd",
+    "attention+dkd+ls",
+    "attention+dist",
+    "jacobian_matching",
+    "jacobian_matching+dkd",
+)
 
 
 def core_seconds(record: dict[str, Any]) -> tuple[float, bool]:
@@ -156,37 +170,39 @@ def accuracies(rows: dict[int, dict[str, Any]]) -> list[float]:
     return [r["test_accuracy"] for r in rows.values()]
 
 
-def own_rate_table(regime: RegimeDir, runs: dict[tuple[str, float], dict[int, Any]]) -> str:
-    """Item 1: each method at the student's rate and at its own best rate of the grid."""
+def own_rate_table(
+    regime: RegimeDir,
+    runs: Runs,
+    names: tuple[str, ...] = OWN_RATE,
+    also_against: str | None = None,
+) -> str:
+    """Item 1: each method at the student's rate and at its own best rate of the grid, paired
+    with the student alone at its best rate and, with ``also_against``, with that configuration
+    at the same rate as the row (issue 29: Hinton's KD, ``logits``)."""
     student = runs.get(("student", regime.student_lr), {})
+    against = f" | minus {also_against} (same rate)" if also_against else ""
     lines = [
         f"{regime.label} (the student alone's best rate: {regime.student_lr:g})",
         "",
-        "| method | at the student's rate (%) | minus the student alone | own best rate "
-        "| at its own best (%) | minus the student alone (at its best rate) | seeds |",
-        "|---|---|---|---|---|---|---|",
+        f"| method | at the student's rate (%) | minus the student alone{against} "
+        f"| own best rate | at its own best (%) | minus the student alone{against} | seeds |",
+        "|---|---|---|---|---|---|---|" + ("---|---|" if also_against else ""),
     ]
-    for name in ("student", *OWN_RATE):
+    for name in ("student", *names):
         grid = {lr: rows for (n, lr), rows in runs.items() if n == name and len(rows) >= 2}
         if regime.student_lr not in grid:
             continue
         best = max(grid, key=lambda lr: statistics.mean(accuracies(grid[lr])))
-        at_student = grid[regime.student_lr]
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    name,
-                    mean_std(accuracies(at_student)),
-                    paired(at_student, student),
-                    f"{best:g} (of {', '.join(f'{lr:g}' for lr in sorted(grid))})",
-                    mean_std(accuracies(grid[best])),
-                    paired(grid[best], student),
-                    str(len(grid[best])),
-                ]
-            )
-            + " |"
-        )
+        cells = [name]
+        for at_best, lr in enumerate((regime.student_lr, best)):
+            if at_best:
+                cells.append(f"{best:g} (of {', '.join(f'{r:g}' for r in sorted(grid))})")
+            cells += [mean_std(accuracies(grid[lr])), paired(grid[lr], student)]
+            if also_against:
+                base = runs.get((also_against, lr), {})
+                cells.append(paired(grid[lr], base) if base and name != "student" else "-")
+        cells.append(str(len(grid[best])))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -290,6 +306,9 @@ def main() -> None:
     sections = ["# Regimes: own rate, cost\n"]
     for regime, runs in panels:
         sections += [own_rate_table(regime, runs), "", regime_table(regime, runs), ""]
+        if regime.folder in ("cifar100", "cifar10"):
+            logit = own_rate_table(regime, runs, LOGIT_METHODS, also_against="logits")
+            sections += ["Logit methods (issue 29)", "", logit, ""]
     if (args.results / MATCHED.folder).is_dir():
         matched = load(args.results / MATCHED.folder)
         sections += [matched_table(matched, load(args.results / "cifar100")), ""]
