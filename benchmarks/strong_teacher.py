@@ -136,6 +136,7 @@ def _configs() -> dict[str, dict[str, Any]]:
             "method": "jacobian_matching",
             "logit_loss": DKDLoss(warmup_epochs=DKD_WARMUP),
         },
+        "jacobian_matching+dist": {"method": "jacobian_matching", "logit_loss": DISTLoss()},
     }
     for method, options in maps.items():
         for schedule, how in schedules.items():
