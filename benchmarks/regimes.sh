@@ -6,7 +6,8 @@
 #   nohup nice -n 19 bash benchmarks/regimes.sh [STAGE...] > /tmp/regimes.log 2>&1 &
 #
 # Stages run in the order given (default: all; the jm_ stages are the Jacobian-matching rows,
-# compute_matched takes its budget from jm_own_rate's measured runs). Two runs side by side, one thread each.
+# compute_matched takes its budget from jm_own_rate's measured runs). Two runs side by side, one
+# thread each.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1

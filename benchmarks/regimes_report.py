@@ -68,7 +68,7 @@ LOGIT_METHODS = (
     "attention+dkd+ls",
     "attention+dist",
     "jacobian_matching",
-    "jacobian_matching+dkd",
+    "jacobian_matching+dist",
 )
 
 
